@@ -1,0 +1,180 @@
+"""Self-describing checkpoints that are never half-written.
+
+A checkpoint is a folder ``<run>/checkpoints/step-0000123/`` holding
+
+* ``weights.safetensors``: every tensor the run created or changed (the head, and LoRA or tuned encoder weights);
+* ``optimizer.safetensors``: the optimizer's state tensors;
+* ``state.json``: step, data position, RNG states, counters, the optimizer's param groups, the run's config,
+  and a manifest (size and SHA-256 of each file) that tells a complete checkpoint from a truncated one.
+
+It is written to a hidden temporary folder and renamed into place only when complete, so a crash or a full disk
+leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or no usable one was found; the message names the fix."""
+
+
+def rng_state() -> dict:
+    """Every RNG the trainer touches: Python, NumPy, torch CPU (and CUDA when present)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _optimizer_tensors(opt_state: dict) -> tuple[dict, list]:
+    tensors = {}
+    for idx, entries in opt_state["state"].items():
+        for key, value in entries.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{idx}.{key}"] = t.detach().cpu().contiguous()
+    return tensors, opt_state["param_groups"]
+
+
+def _optimizer_state(tensors: dict, groups: list) -> dict:
+    state: dict = {}
+    for name, t in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = t
+    return {"state": state, "param_groups": groups}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer_state: dict, state: dict,
+                    keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically, then prune to the ``keep_last`` newest. Returns its folder."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:07d}"
+    tmp = root / f".tmp-{PREFIX}{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        opt_tensors, groups = _optimizer_tensors(optimizer_state)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                    for name in ("weights.safetensors", "optimizer.safetensors")}
+        payload = {**state, "step": step, "param_groups": groups, "manifest": manifest}
+        with open(tmp / "state.json", "w") as f:
+            json.dump(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir, quiet=True)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"writing failed ({e.strerror or e})"
+        raise CheckpointError(f"checkpoint of step {step} not written: {reason}; {kept}. "
+                              "Free space under train.output_dir and rerun with --resume") from None
+    _prune(root, keep_last)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = [p for p in list_checkpoints(root.parent) if verify(p) is None]
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if ``ckpt`` is complete and intact, else what is wrong with it."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError):
+        return "state.json missing or unreadable"
+    for name, meta in state.get("manifest", {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{name} truncated"
+        if _sha256(path) != meta["sha256"]:
+            return f"{name} corrupt (checksum mismatch)"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, quiet: bool = False) -> Path | None:
+    """The newest intact checkpoint of a run; broken newer ones are reported and skipped."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        if not quiet:
+            warnings.warn(f"skipping checkpoint {ckpt}: {problem}; falling back to an earlier one", stacklevel=2)
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, given itself or its run folder."""
+    p = Path(path)
+    if (p / "state.json").is_file():
+        problem = verify(p)
+        if problem:
+            raise CheckpointError(f"checkpoint {p} is unusable: {problem}; pass its run folder to use the newest good one")
+        return p
+    ckpt = latest_checkpoint(p)
+    if ckpt is None:
+        raise CheckpointError(f"no usable checkpoint under '{p}': pass a run folder written by `genhancer train`")
+    return ckpt
+
+
+def load_checkpoint(ckpt: Path) -> tuple[dict, dict, dict]:
+    """(weights, optimizer_state, state) of a verified checkpoint folder."""
+    state = json.loads((ckpt / "state.json").read_text())
+    weights = load_file(str(ckpt / "weights.safetensors"))
+    optimizer = _optimizer_state(load_file(str(ckpt / "optimizer.safetensors")), state["param_groups"])
+    return weights, optimizer, state
