@@ -70,14 +70,14 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
-    """Create (or reopen, when resuming) the run folder; refuse to overwrite a run by accident."""
+def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    """The run folder; refuse to overwrite a run by accident (created later, once everything is checked)."""
     run = Path(cfg.train.output_dir)
-    has_ckpt = bool(ckpt_io.list_checkpoints(run))
-    if has_ckpt and not resume:
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"train.output_dir '{run}' is a file: choose a folder")
+    if ckpt_io.list_checkpoints(run) and not resume:
         raise ConfigError(f"'{run}' already holds checkpoints of a run: pass --resume to continue it, "
                           "or choose another train.output_dir")
-    run.mkdir(parents=True, exist_ok=True)
     return run
 
 
@@ -108,9 +108,7 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                                      log_with=[x for x in t.trackers if _tracker_available(x)] or None,
                                      project_dir=t.output_dir)
     world, rank = acc.num_processes, acc.process_index
-    run = prepare_run_dir(cfg, resume) if acc.is_main_process else Path(t.output_dir)
-    acc.wait_for_everyone()
-
+    run = check_run_dir(cfg, resume)
     enh = build_enhancer(cfg)
     _load_init(enh, cfg)
     apply_stage(enh, cfg.stage, t.grad_checkpointing)
@@ -124,7 +122,7 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                             eps=cfg.optim.eps, fused=fused or None)
 
     step, position, counters = 0, {"epoch": 0, "batch": 0}, {"nonfinite": 0, "skipped_steps": 0}
-    if resume:
+    if resume and run.is_dir():
         last = ckpt_io.latest_checkpoint(run)
         if last is not None:
             weights, opt_state, state = ckpt_io.load_checkpoint(last)
@@ -133,15 +131,17 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
             ckpt_io.set_rng_state(state["rng"])
             step, position, counters = state["step"], state["data_position"], state["counters"]
             acc.print(f"resumed from {last} at step {step}")
-    if acc.is_main_process:
-        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-    enh.to(acc.device)
-    model, opt = acc.prepare(enh, opt)
     loader = build_loader(cfg.data, enh.image_size, seed=t.seed, rank=rank, world=world,
                           batch_size=t.batch_size, epoch=position["epoch"], start_batch=position["batch"],
                           **_cache_source(cfg, enh))
     total = _total_steps(cfg, loader, world)
+    if acc.is_main_process:  # everything is checked: only now does the run leave traces on disk
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    acc.wait_for_everyone()
+
+    enh.to(acc.device)
+    model, opt = acc.prepare(enh, opt)
     if acc.log_with:
         acc.init_trackers("genhancer", config=_flat(to_dict(cfg)))
 
@@ -164,7 +164,8 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                     draws = enh.draw(global_micro, gen)
                     torch.manual_seed(_seed(t.seed, step, micro, rank))  # dropout
                     b = len(batch["index"])
-                    mine = {k: v[rank * t.batch_size: rank * t.batch_size + b].to(acc.device) for k, v in draws.items()}
+                    # each kept sample takes the draws of its slot in the global micro-batch
+                    mine = {k: v[rank * t.batch_size + batch["slot"]].to(acc.device) for k, v in draws.items()}
                     data = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
                     sync = nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(model)
                     with sync, acc.autocast():

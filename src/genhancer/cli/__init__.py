@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown the run's own progress
     try:
         args.func(args)
     except (ConfigError, CheckpointError) as e:

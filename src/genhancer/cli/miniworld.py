@@ -1,0 +1,133 @@
+"""``genhancer miniworld``: the offline miniature world (scenes, tiny base CLIP, benchmarks, probes, demo, ablations)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from genhancer.config import ConfigError
+
+
+def add_commands(sub) -> None:
+    """Register ``miniworld`` with sub-commands generate, pretrain, benchmark, probe, demo and ablate."""
+    parser = sub.add_parser("miniworld", help="the offline miniature world: generate, pretrain, benchmark, probe, demo")
+    commands = parser.add_subparsers(dest="miniworld_command", metavar="{generate,pretrain,benchmark,probe,demo,ablate}")
+    commands.required = True
+
+    p = commands.add_parser("generate", help="render a folder of scene images (+ labels.jsonl with captions)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num", type=int, default=2000, help="number of images (default 2000)")
+    p.add_argument("--first-seed", type=int, default=0, help="seed of the first scene (default 0: training split)")
+    p.add_argument("--size", type=int, default=64, help="image resolution in pixels (default 64)")
+    p.add_argument("--p", type=float, default=0.15, help="probability that a caption mentions each fine attribute")
+    p.set_defaults(func=run_generate)
+
+    p = commands.add_parser("pretrain", help="pretrain the tiny base CLIP contrastively on the world")
+    p.add_argument("--out", required=True, help="output folder (a save_pretrained CLIP folder)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-images", type=int, default=10_000)
+    p.add_argument("--p", type=float, default=0.15, help="probability that a caption mentions each fine attribute")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_pretrain)
+
+    p = commands.add_parser("benchmark", help="write the MMVP-VLM-format benchmarks from held-out seeds")
+    p.add_argument("--out", required=True, help="output folder: <out>/mmvp and <out>/mmvp-large")
+    p.add_argument("--parts", type=int, default=7, help="15-pair-per-category parts of the large version (default 7)")
+    p.set_defaults(func=run_benchmark)
+
+    p = commands.add_parser("probe", help="text-free probes (linear probe, blind pairs) of a model's global embedding")
+    p.add_argument("--model", default=None, help="save_pretrained CLIP folder (default: the shipped base)")
+    p.add_argument("--out", default=None, help="write probes.json here")
+    p.set_defaults(func=run_probe)
+
+    p = commands.add_parser("demo", help="end to end: world, stage 1 + 2 on the shipped base, export, evaluate, report")
+    p.add_argument("--out", default="miniworld-demo", help="report folder (default: miniworld-demo)")
+    p.add_argument("--fast", action="store_true", help="a few steps of everything (tests; well under a minute)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_demo)
+
+    p = commands.add_parser("ablate", help="an ablation of the paper in miniature: table + plot over seeds")
+    p.add_argument("study", help="timesteps, condition, stages, finetune, size, denoiser or curve")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default=None, help="output folder (default: miniworld-ablate-<study>)")
+    p.add_argument("--fast", action="store_true", help="a few steps per run (smoke test)")
+    p.set_defaults(func=run_ablate)
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"--{name} must be > 0, got {value}")
+
+
+def run_generate(args) -> None:
+    from genhancer.miniworld.scenes import caption, render, scene_from_seed
+    import numpy as np
+
+    _positive("num", args.num)
+    _positive("size", args.size)
+    if not 0 <= args.p <= 1:
+        raise ConfigError(f"--p must be in [0, 1], got {args.p}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.first_seed)
+    with open(out / "labels.jsonl", "w") as f:
+        for seed in range(args.first_seed, args.first_seed + args.num):
+            scene = scene_from_seed(seed)
+            render(scene, args.size).save(out / f"{seed:08d}.png")
+            f.write(json.dumps({"file": f"{seed:08d}.png", "seed": seed, "labels": scene.labels,
+                                "caption": caption(scene, rng, args.p)}) + "\n")
+    print(f"wrote {args.num} images to {out}")
+
+
+def run_pretrain(args) -> None:
+    from genhancer.miniworld.pretrain import pretrain
+
+    for name in ("steps", "batch_size", "num_images", "lr"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if args.batch_size > args.num_images:
+        raise ConfigError(f"--batch-size {args.batch_size} exceeds --num-images {args.num_images}")
+    out = pretrain(args.out, steps=args.steps, batch_size=args.batch_size, num_images=args.num_images, p=args.p,
+                   lr=args.lr, seed=args.seed)
+    print(f"saved the pretrained base CLIP to {out}")
+
+
+def run_benchmark(args) -> None:
+    from genhancer.miniworld.benchmark import write_large, write_mmvp
+
+    _positive("parts", args.parts)
+    out = Path(args.out)
+    write_mmvp(out / "mmvp")
+    write_large(out / "mmvp-large", parts=args.parts)
+    print(f"wrote {out / 'mmvp'} (genhancer eval mmvp --benchmark {out / 'mmvp'}) and {out / 'mmvp-large'}")
+
+
+def run_probe(args) -> None:
+    from genhancer.miniworld.base import shipped_base
+    from genhancer.miniworld.probes import run_probes
+
+    model = args.model or str(shipped_base())
+    if not (Path(model) / "config.json").is_file():
+        raise ConfigError(f"--model {model}: not a save_pretrained CLIP folder (no config.json)")
+    result = run_probes(model)
+    for name, table in result.items():
+        print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in table.items()))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "probes.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_demo(args) -> None:
+    from genhancer.miniworld.demo import demo
+
+    demo(args.out, fast=args.fast, seed=args.seed)
+
+
+def run_ablate(args) -> None:
+    from genhancer.miniworld.ablate import STUDIES, ablate
+
+    if args.study not in STUDIES:
+        raise ConfigError(f"unknown study '{args.study}': choose one of {', '.join(STUDIES)}")
+    _positive("seeds", args.seeds)
+    ablate(args.study, seeds=args.seeds, out=args.out or f"miniworld-ablate-{args.study}", fast=args.fast)

@@ -1,0 +1,173 @@
+"""A CLIP or SigLIP model with its image processor and tokenizer, embedding images and texts for evaluation.
+
+Models load from a ``save_pretrained`` directory (an exported GenHancer model is one) or from a hub id already in
+the local cache; nothing is downloaded. Texts are tokenised as the MMVP-VLM reference evaluation does: CLIP padded
+to 77 tokens with truncation, SigLIP padded to its tokenizer's max length; only ``input_ids`` reach the text tower
+(no attention mask), again as in the reference. CLIP pools at the end-of-text token under a causal mask, so padding
+cannot change its result; SigLIP was trained on padded text without a mask and pools the last position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, SiglipModel
+
+from genhancer.config import ConfigError
+
+FAMILIES = {"clip": CLIPModel, "siglip": SiglipModel}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CLIP_CONTEXT = 77  # the reference evaluation's max_length for CLIP tokenizers
+
+
+def read_image(source, where: str = "") -> Image.Image:
+    """Decode one image (a path or a binary file object) fully, as RGB, so a truncated file fails here.
+
+    ``where`` names the image in errors (default: the path), e.g. ``"Questions.csv line 5 (Question ID 4): <path>"``.
+    """
+    where = where or str(source)
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: image not found") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ConfigError(f"{where}: cannot read image ({err})") from None
+
+
+def batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    """Consecutive slices of ``items`` of at most ``size`` elements."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _features(output) -> torch.Tensor:
+    """``get_*_features`` returns a tensor in transformers 4 and an output with ``pooler_output`` in 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@dataclass
+class EvalModel:
+    """A dual-encoder under evaluation: ``family`` is ``"clip"`` or ``"siglip"``."""
+
+    model: torch.nn.Module
+    image_processor: object
+    tokenizer: object
+    family: str
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(N, L)`` input ids: L = 77 for CLIP, the tokenizer's max length for SigLIP."""
+        if self.family == "clip":
+            max_length = CLIP_CONTEXT
+        else:
+            max_length = self.tokenizer.model_max_length
+            if max_length > 1_000_000:  # tokenizer saved without a max length: fall back to the model's context
+                max_length = self.model.config.text_config.max_position_embeddings
+        encoded = self.tokenizer(
+            list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        return encoded["input_ids"]
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``(N, 3, H, W)`` processed images; the processor treats each image on its own, so batching is exact."""
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def embed_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` -> ``(N, D)`` projected, unnormalised image embeddings (fp32 on the model's device)."""
+        out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
+        return _features(out).float()
+
+    @torch.no_grad()
+    def embed_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(N, L)`` -> ``(N, D)`` projected, unnormalised text embeddings (fp32 on the model's device)."""
+        return _features(self.model.get_text_features(input_ids=input_ids.to(self.device))).float()
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int, desc: str = "texts") -> torch.Tensor:
+        """``(N, D)`` text embeddings computed ``batch_size`` texts at a time."""
+        parts = []
+        for chunk in _progress(batches(texts, batch_size), len(texts), batch_size, desc):
+            parts.append(self.embed_ids(self.tokenize(chunk)))
+        return torch.cat(parts)
+
+    def embed_images(self, load, count: int, batch_size: int, desc: str = "images") -> torch.Tensor:
+        """``(count, D)`` image embeddings; ``load(i)`` returns image i as PIL, decoded batch by batch."""
+        parts = []
+        for chunk in _progress(batches(range(count), batch_size), count, batch_size, desc):
+            parts.append(self.embed_pixels(self.pixel_values([load(i) for i in chunk])))
+        return torch.cat(parts)
+
+    def normalize(self, embeds: torch.Tensor) -> torch.Tensor:
+        """L2-normalise the last dim with the arithmetic of the model's own forward."""
+        if self.family == "clip":
+            return embeds / embeds.pow(2).sum(dim=-1, keepdim=True).pow(0.5)
+        return embeds / embeds.norm(p=2, dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def logits_per_text(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """``(..., T, D)`` x ``(..., I, D)`` -> ``(..., T, I)``: the model forward's ``logits_per_text``."""
+        text, image = self.normalize(text_embeds), self.normalize(image_embeds)
+        logits = torch.matmul(text, image.transpose(-1, -2)) * self.model.logit_scale.float().exp()
+        if self.family == "siglip":
+            logits = logits + self.model.logit_bias.float()
+        return logits
+
+
+def _progress(iterable, count: int, batch_size: int, desc: str):
+    """A tqdm bar over the batches of ``count`` items, shown only on a terminal."""
+    return tqdm(iterable, total=-(-count // batch_size), desc=desc, unit="batch", disable=None, leave=False)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def load_model(name_or_path: str, device: str = "auto", dtype: str = "fp32") -> EvalModel:
+    """Load a CLIPModel / SiglipModel with its image processor and tokenizer, offline, in eval mode.
+
+    ``name_or_path``: a ``save_pretrained`` directory or a hub id already in the local cache.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"model {name_or_path!r} not found: give a save_pretrained CLIP/SigLIP directory or a hub id already "
+            "in the local cache (nothing is downloaded)"
+        ) from None
+    family = config.model_type
+    if family not in FAMILIES:
+        raise ConfigError(f"model {name_or_path!r} is a {family!r} model; evaluation needs a CLIP or SigLIP model")
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(name_or_path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError, ImportError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"model {name_or_path!r} lacks a usable image processor or tokenizer ({first_line}); "
+            "save them next to the weights (save_pretrained of the processor and tokenizer)"
+        ) from None
+    model = FAMILIES[family].from_pretrained(name_or_path, local_files_only=True)
+    model = model.to(resolve_device(device), DTYPES[dtype]).eval()
+    return EvalModel(model, image_processor, tokenizer, family, str(name_or_path))

@@ -1,0 +1,96 @@
+import dataclasses
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from genhancer.denoisers import build_head
+from genhancer.denoisers.flux import PRESETS, Flux, apply_rope, rope_frequencies
+from genhancer.latents import PixelSpace
+
+
+def tiny_head(**arch):
+    return build_head("flux-tiny", arch, 16, PixelSpace(2))
+
+
+def test_paper_preset_has_the_papers_parameter_count():
+    with torch.device("meta"):
+        model = Flux(PRESETS["flux-paper"])
+    assert sum(p.numel() for p in model.parameters()) == 1_310_154_816
+    assert (len(model.double_blocks), len(model.single_blocks)) == (2, 4)
+
+
+def test_zero_init_makes_the_untrained_denoiser_output_zero():
+    head = tiny_head()
+    v = head.velocity(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 1, 16))
+    assert v.abs().max() == 0
+
+
+def test_loss_is_rectified_flow_mse_in_the_release_convention():
+    head = tiny_head()
+    torch.nn.init.normal_(head.denoiser.final_layer.linear.weight, std=0.1)
+    x, cond = torch.randn(3, 3, 16, 16), torch.randn(3, 1, 16)
+    draws = head.draw(3, (3, 16, 16), torch.Generator().manual_seed(1))
+    t = draws["t"].view(3, 1, 1, 1)
+    x_t = (1 - t) * x + t * draws["noise"]  # t = 1 is noise
+    expected = ((head.velocity(x_t, draws["t"], cond) - (draws["noise"] - x)) ** 2).mean((1, 2, 3))
+    torch.testing.assert_close(head.loss(x, cond, draws), expected)
+
+
+def test_euler_sampler_follows_the_same_convention():
+    """With the exact velocity of a fixed target, the sampler must land on that target."""
+    head = tiny_head()
+    target = torch.randn(2, 3, 16, 16)
+
+    def oracle(x_t, t, cond):  # x_t = (1 - t) target + t noise  =>  velocity = (x_t - target) / t
+        return (x_t - target) / t.view(-1, 1, 1, 1)
+
+    head.velocity = oracle
+    out = head.sample(torch.randn(2, 1, 16), (3, 16, 16), torch.Generator().manual_seed(0), steps=5)
+    torch.testing.assert_close(out, target, atol=1e-5, rtol=1e-5)
+
+
+def test_timestep_sampling_distributions():
+    g = torch.Generator().manual_seed(0)
+    t_u = tiny_head(timestep_sampling="uniform").draw(20000, (3, 2, 2), g)["t"]
+    t_ln = tiny_head(logit_normal_scale=1.0).draw(20000, (3, 2, 2), g)["t"]
+    t_wide = tiny_head(logit_normal_scale=5.0).draw(20000, (3, 2, 2), g)["t"]
+    assert abs(t_u.mean() - 0.5) < 0.01 and abs(t_u.var() - 1 / 12) < 0.003
+    logit = torch.log(t_ln / (1 - t_ln))  # logit of sigmoid(s * eps) is s * eps ~ N(0, s^2)
+    assert abs(logit.std() - 1.0) < 0.03
+    assert ((t_wide < 0.05) | (t_wide > 0.95)).float().mean() > 0.5  # large s pushes t to the ends
+
+
+def test_draws_are_a_function_of_the_generator_only():
+    a = tiny_head().draw(4, (3, 16, 16), torch.Generator().manual_seed(7))
+    b = tiny_head().draw(4, (3, 16, 16), torch.Generator().manual_seed(7))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_condition_reaches_the_prediction_through_both_paths():
+    head = tiny_head()
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x_t, t = torch.randn(1, 3, 16, 16), torch.rand(1)
+    c1, c2 = torch.randn(1, 1, 16), torch.randn(1, 1, 16)
+    assert not torch.allclose(head.velocity(x_t, t, c1), head.velocity(x_t, t, c2))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50))
+def test_rope_preserves_norms_and_depends_on_relative_position(r, c, shift):
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    rot = lambda pos: rope_frequencies(torch.tensor([[pos]], dtype=torch.float32), (4, 6, 6), 10_000)
+    p1, p2 = rot([0, r, c]), rot([0, r + shift, c + shift])
+    torch.testing.assert_close(apply_rope(q, p1).norm(), q.norm())
+    base = rot([0, 0, 0])
+    s1 = (apply_rope(q, p1) * apply_rope(k, p1)).sum()
+    s0 = (apply_rope(q, base) * apply_rope(k, base)).sum()
+    torch.testing.assert_close(s1, s0, atol=1e-4, rtol=1e-4)  # same position: score independent of it
+    assert p2.shape == p1.shape
+
+
+def test_presets_are_well_formed():
+    for name, arch in PRESETS.items():
+        assert sum(arch.axes_dim) == arch.hidden // arch.heads, name
+    assert dataclasses.replace(PRESETS["flux-paper"]).depth_single is None
