@@ -109,6 +109,7 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                                      project_dir=t.output_dir)
     world, rank = acc.num_processes, acc.process_index
     run = check_run_dir(cfg, resume)
+    torch.manual_seed(t.seed)  # the head's initialisation: identical on every process and every rerun
     enh = build_enhancer(cfg)
     _load_init(enh, cfg)
     apply_stage(enh, cfg.stage, t.grad_checkpointing)
@@ -210,6 +211,9 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                     acc.print(f"stopped by signal {stop.signal} after step {step}; checkpoint: {last_ckpt}; "
                               "continue with --resume")
                     break
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(f"train.batch_size={t.batch_size} does not fit in device memory: lower it (with a "
+                            "higher train.grad_accum), or find the largest that fits with `genhancer bench`") from None
     finally:
         bar.close()
         if metrics:

@@ -1,0 +1,34 @@
+"""Two processes (gloo, CPU) reach the weights of one process with the same global batch."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def run(args, env_extra=None, nproc=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "genhancer", "train", *args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "genhancer", "train", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tiny_clip, overrides, tmp_path):
+    common = dict(steps=3, train__grad_accum=2, optim__lr=1e-3)
+    run(overrides(tiny_clip, tmp_path / "one", train__batch_size=8, **common))
+    run(overrides(tiny_clip, tmp_path / "two", train__batch_size=4, **common),
+        env_extra={"ACCELERATE_USE_CPU": "true"}, nproc=2)
+    one = load_file(str(tmp_path / "one/checkpoints/step-0000003/weights.safetensors"))
+    two = load_file(str(tmp_path / "two/checkpoints/step-0000003/weights.safetensors"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4)
+    metrics = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 3
