@@ -6,7 +6,7 @@ import sys
 
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPModel
+from transformers import CLIPImageProcessor, CLIPModel, CLIPVisionModel
 
 from genhancer.cli import main
 
@@ -31,6 +31,10 @@ def test_two_stages_then_export_loads_as_clip(tiny_clip, overrides, tmp_path):
     assert any(not torch.equal(base_sd[k], new_sd[k]) for k in vision)
     assert all(torch.equal(base_sd[k], new_sd[k]) for k in base_sd if k not in vision)  # text tower, projections
     assert CLIPImageProcessor.from_pretrained(out).crop_size["height"] == 32
+    # LLaVA's vision-tower loader: CLIPVisionModel + CLIPImageProcessor from the same folder
+    tower = CLIPVisionModel.from_pretrained(out)
+    torch.testing.assert_close(tower.vision_model.embeddings.patch_embedding.weight,
+                               new_sd["vision_model.embeddings.patch_embedding.weight"])
     card = (out / "README.md").read_text()
     assert "stage2" in card and "LoRA r=16" in card and str(tiny_clip) in card
 
