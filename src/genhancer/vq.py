@@ -92,9 +92,10 @@ def vq_config(name_or_path: str) -> dict:
 
 def synthetic_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
     """(n, 3, size, size) in [-1, 1]: a flat background with three axis-aligned colored rectangles each."""
-    images = torch.empty(n, 3, size, size)
-    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
-    images[:] = (rand(n, 3, 1, 1) * 2 - 1)
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator)
+
+    images = (rand(n, 3, 1, 1) * 2 - 1).expand(n, 3, size, size).clone()
     corners = (rand(n, 3, 2) * size * 0.75).long()
     sides = (rand(n, 3, 2) * size * 0.5).long() + size // 8
     colors = rand(n, 3, 3) * 2 - 1
@@ -132,7 +133,8 @@ def folder_images(path: str, size: int) -> torch.Tensor:
 
 
 def train_vq(images: torch.Tensor, out_dir: str | None = None, config: str | dict = "tiny", steps: int = 500,
-             batch_size: int = 16, lr: float = 1e-3, seed: int = 0, log=None) -> tuple["VQSpace", list[float]]:
+             batch_size: int = 16, lr: float = 1e-3, seed: int = 0, device: str = "cpu",
+             log=None) -> tuple["VQSpace", list[float]]:
     """Train a VQ model on ``images: (N, 3, S, S)`` in [-1, 1]; returns the frozen space and per-step losses.
 
     Loss: pixel MSE + the VQ codebook / commitment terms (VQ-VAE). No adversarial or perceptual loss: the tiny
@@ -142,20 +144,24 @@ def train_vq(images: torch.Tensor, out_dir: str | None = None, config: str | dic
 
     cfg = vq_config(config) if isinstance(config, str) else config
     torch.manual_seed(seed)
-    vq = VQModel.from_config(cfg)
-    VQSpace(vq).check_image_size(images.shape[-1])
-    vq.train().requires_grad_(True)
+    factor = 2 ** (len(cfg["block_out_channels"]) - 1)
+    if images.shape[-1] % factor or images.shape[-2] % factor:
+        raise ConfigError(f"image size {tuple(images.shape[-2:])} is not divisible by the VQ model's downsampling "
+                          f"factor {factor}: use a multiple of {factor} (--size)")
+    vq = VQModel.from_config(cfg).to(device)
     g = torch.Generator().manual_seed(seed)
+    batch = lambda: images[torch.randint(len(images), (batch_size,), generator=g)].to(device)  # noqa: E731
     with torch.no_grad():
         # Codebook from encoder outputs of a first batch: every code starts in use instead of dying at random init.
-        z = vq.encode(images[torch.randint(len(images), (batch_size,), generator=g)]).latents
-        z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        z = vq.encode(batch()).latents
+        z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu()
         pick = torch.randint(len(z), (vq.config.num_vq_embeddings,), generator=g)
         vq.quantize.embedding.weight.copy_(z[pick] + 0.01 * torch.randn(z[pick].shape, generator=g))
+    vq.train()
     opt = torch.optim.Adam(vq.parameters(), lr=lr)
     losses = []
     for step in range(steps):
-        x = images[torch.randint(len(images), (batch_size,), generator=g)]
+        x = batch()
         out = vq(x)
         loss = F.mse_loss(out.sample, x) + out.commit_loss.mean()
         opt.zero_grad(set_to_none=True)
@@ -164,6 +170,7 @@ def train_vq(images: torch.Tensor, out_dir: str | None = None, config: str | dic
         losses.append(loss.item())
         if log and (step % max(steps // 10, 1) == 0 or step == steps - 1):
             log(f"step {step + 1}/{steps} loss {loss.item():.4f}")
+    vq = vq.cpu()
     if out_dir is not None:
         vq.save_pretrained(out_dir)
     return VQSpace(vq), losses

@@ -18,6 +18,7 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.set_defaults(func=_train_vq)
 
     p = sub.add_parser("convert-vqgan", help="convert a taming-transformers VQGAN checkpoint to a diffusers VQModel")
@@ -44,7 +45,8 @@ def _train_vq(args) -> int:
     else:
         images = vq.synthetic_images(args.synthetic, args.size, torch.Generator().manual_seed(args.seed))
     space, losses = vq.train_vq(images, args.out, args.config, steps=args.steps, batch_size=args.batch_size,
-                                lr=args.lr, seed=args.seed, log=print)
+                                lr=args.lr, seed=args.seed, log=print,
+                                device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"saved VQ model ({space.codebook_size} codes, downsampling {space.downsample}) to {args.out}; "
           f"final loss {losses[-1]:.4f}")
     return 0

@@ -26,7 +26,8 @@ Choices where the paper is silent, taken from masked-token models (MaskGIT, MAGE
   re-masking with an annealed temperature).
 
 The arch dataclass carries the objective's mask settings; the trainer copies ``objective.mask_ratio_min``,
-``objective.mask_ratio_max`` and ``objective.mask_ratio`` into the arch overrides before ``build``.
+``objective.mask_ratio_max``, ``objective.mask_ratio`` (and ``train.grad_checkpointing``) into the arch overrides
+before ``build`` (``genhancer.enhancer.head_overrides``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class PerceiverArch:
     mask_ratio_max: float = 0.9
     mask_ratio: float | None = None  # fixed ratio instead of the range (Table 8)
     choice_temperature: float = 4.5  # MaskGIT's re-masking temperature (annealed to 0) for `sample`
+    grad_checkpointing: bool = False  # recompute the L layers in backward (train.grad_checkpointing)
 
 
 PRESETS: dict[str, PerceiverArch] = {
@@ -151,7 +153,7 @@ class Perceiver(nn.Module):
         self.blocks = nn.ModuleList(Block(D, arch.heads, arch.mlp_ratio) for _ in range(arch.depth))
         self.norm = nn.LayerNorm(D)
         self.logits = nn.Linear(D, codebook_size)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = arch.grad_checkpointing
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -165,6 +167,18 @@ class Perceiver(nn.Module):
             nn.init.trunc_normal_(p, std=0.02)
         # Zero logits: training starts from the uniform prediction, loss = log(codebook_size) on every sample.
         nn.init.zeros_(self.logits.weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Weights of a head trained over another tokenizer (stage-2 init_from, resume) fail with the fix named.
+        saved = state_dict.get(prefix + "logits.bias")
+        if saved is not None and saved.shape[0] != self.codebook_size:
+            raise ConfigError(f"the saved discrete denoiser predicts {saved.shape[0]} codes but the VQ tokenizer has "
+                              f"{self.codebook_size}: set model.latent_path to the VQ model the head was trained with")
+        saved = state_dict.get(prefix + "pos_emb")
+        if saved is not None and saved.shape[0] != self.max_grid:
+            raise ConfigError(f"the saved discrete denoiser has a {saved.shape[0]}x{saved.shape[0]} position table: "
+                              f"set model.denoiser_arch.max_grid={saved.shape[0]}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, tokens: torch.Tensor, masked: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """tokens: (B, h, w) long (values at masked positions ignored); masked: (B, h, w) bool; cond: (B, L_c, D)
@@ -190,7 +204,8 @@ class Perceiver(nn.Module):
         filler = self.mask_emb + pos
         x = torch.cat([c[:, :1], torch.where(masked[..., None], filler, c[:, 1:])], dim=1)
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+            recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.logits(self.norm(x[:, 1:])).view(B, h, w, -1)
 
 
@@ -234,7 +249,9 @@ class PerceiverHead(GenerativeHead):
 
     def loss(self, target: torch.Tensor, cond: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
         """target: (B, h, w) code indices; cond: (B, L_c, D_c) -> (B,) mean cross-entropy over masked positions."""
-        if target.is_floating_point() or target.dim() != 3:
+        # Indices may arrive as floats from a float32 target cache; exact there, but anything fractional is a
+        # continuous latent.
+        if target.dim() != 3 or (target.is_floating_point() and not torch.equal(target, target.round())):
             raise ConfigError(f"the discrete denoiser needs VQ code indices (B, h, w), got {tuple(target.shape)} "
                               f"{target.dtype}: use a discrete latent space (model.latent=vq)")
         target, mask = target.long(), draws["mask"]
@@ -249,7 +266,7 @@ class PerceiverHead(GenerativeHead):
         """MaskGIT decoding. cond: (B, L_c, D_c) -> code indices (B, h, w).
 
         Start fully masked; each step samples every masked position, keeps the most confident samples and re-masks
-        the rest so that cos(pi/2 * (t+1)/steps) of the grid stays masked. Confidence is the sampled token's
+        the rest so that cos(pi/2 * (t+1)/steps) of the grid stays masked. Confidence is the sampled token's log-
         probability plus Gumbel noise scaled by a temperature annealed to 0, as in MaskGIT.
         """
         B, (h, w) = cond.shape[0], target_shape
@@ -284,6 +301,9 @@ class PerceiverHead(GenerativeHead):
 def build(arch: PerceiverArch, cond_dim: int, latent) -> PerceiverHead:
     """Projector + Perceiver for condition tokens of width ``cond_dim`` over ``latent`` (needs only
     ``latent.codebook_size``; works under ``torch.device("meta")``)."""
+    if getattr(latent, "codebook_size", None) is None:
+        raise ConfigError(f"the Perceiver denoiser predicts VQ codes but model.latent is a "
+                          f"{getattr(latent, 'kind', 'continuous')} space: use a VQ latent (model.latent=vq)")
     size = int(latent.codebook_size)
     if arch.codebook_size is not None and arch.codebook_size != size:
         raise ConfigError(f"the VQ tokenizer has {size} codes but the denoiser was configured for "
