@@ -14,6 +14,7 @@ import string
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -29,6 +30,16 @@ from transformers import (
 )
 
 from genhancer.evaluation.mmvp import CATEGORIES
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Run a module's tests on one intra-op thread: tiny models gain nothing from more, and on a loaded machine
+    two spinning threads made these tests ~40x slower. Import this fixture into a test module to apply it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 WORDS = "a photo of the dog cat car tree is facing left right up down red blue two three open closed text".split()
 TYPES = [c.split()[0] for c in CATEGORIES]  # one image folder per category, like the benchmark's

@@ -20,6 +20,9 @@ def add_commands(sub) -> None:
     p.add_argument("--benchmark", required=True, help="MMVP-VLM folder holding Questions.csv and the image folder")
     p.add_argument("--pairwise", action="store_true",
                    help="run the reference's pair-by-pair loop instead of batches (same scores, slower)")
+    p.add_argument("--recheck-band", type=float, default=None,
+                   help="batched: recompute pair by pair any pair with a probability this close to 0.5, where "
+                        "float rounding could flip a pick (default 1e-5; 0 disables)")
     _common(p, "eval-mmvp")
     p.set_defaults(func=run_mmvp)
 
@@ -90,7 +93,8 @@ def run_mmvp(args) -> None:
     if args.pairwise:
         result = mmvp.evaluate_pairwise(model, args.benchmark)
     else:
-        result = mmvp.evaluate(model, args.benchmark, args.batch_size)
+        band = mmvp.RECHECK_BAND if args.recheck_band is None else args.recheck_band
+        result = mmvp.evaluate(model, args.benchmark, args.batch_size, band)
     meta = {"model": args.model, "benchmark": args.benchmark, "protocol": "pairwise" if args.pairwise else "batched"}
     csv_path, json_path = mmvp.write_results(result, args.out, meta)
     for category, value in result.scores.items():

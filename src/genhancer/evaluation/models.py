@@ -84,7 +84,7 @@ class EvalModel:
         return encoded["input_ids"]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """``(N, 3, H, W)`` processed images; the processor treats each image on its own, so batching is exact."""
+        """``(N, 3, H, W)`` processed images; each image is processed on its own, so batching changes nothing."""
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
@@ -96,7 +96,20 @@ class EvalModel:
     @torch.no_grad()
     def embed_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(N, L)`` -> ``(N, D)`` projected, unnormalised text embeddings (fp32 on the model's device)."""
+        if self.family == "clip":
+            input_ids = input_ids[:, : int(self._clip_pooled_positions(input_ids).max()) + 1]
         return _features(self.model.get_text_features(input_ids=input_ids.to(self.device))).float()
+
+    def _clip_pooled_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` the position CLIP's text tower pools (its end-of-text token), found as transformers does.
+
+        Under CLIP's causal mask no later token reaches that position, so the padding columns after the batch's
+        last pooled position are dropped: the same embeddings (up to float rounding) for a fraction of the work.
+        """
+        eos = self.model.config.text_config.eos_token_id
+        if eos == 2:  # legacy configs: the end-of-text token has the highest id
+            return input_ids.argmax(dim=-1)
+        return (input_ids == eos).int().argmax(dim=-1)
 
     def embed_texts(self, texts: Sequence[str], batch_size: int, desc: str = "texts") -> torch.Tensor:
         """``(N, D)`` text embeddings computed ``batch_size`` texts at a time."""
@@ -168,6 +181,16 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "fp32") -> 
             f"model {name_or_path!r} lacks a usable image processor or tokenizer ({first_line}); "
             "save them next to the weights (save_pretrained of the processor and tokenizer)"
         ) from None
-    model = FAMILIES[family].from_pretrained(name_or_path, local_files_only=True)
+    vocab_size = config.text_config.vocab_size
+    if len(tokenizer) < vocab_size // 2:  # transformers 5 builds an empty tokenizer when its files are missing
+        raise ConfigError(
+            f"model {name_or_path!r}: its tokenizer has {len(tokenizer)} tokens for a text tower of {vocab_size}; "
+            "save the model's tokenizer files next to the weights"
+        )
+    try:
+        model = FAMILIES[family].from_pretrained(name_or_path, local_files_only=True)
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(f"model {name_or_path!r}: cannot load its weights ({first_line})") from None
     model = model.to(resolve_device(device), DTYPES[dtype]).eval()
     return EvalModel(model, image_processor, tokenizer, family, str(name_or_path))

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from genhancer.evaluation import mmvp, retrieval, zeroshot
 from genhancer.evaluation.models import load_model
+from genhancer.evaluation.zeroshot import ENSEMBLE_TEMPLATES
 
 # short column names for the nine MMVP-VLM visual patterns (the paper uses pictograms)
 SHORT = dict(zip(mmvp.CATEGORIES, ["Orient.", "Presence", "State", "Quantity", "Position", "Color", "Structure",
@@ -30,7 +31,7 @@ class Comparison:
     mmvp: str | None = None
     zeroshot: dict[str, str] = field(default_factory=dict)
     retrieval: dict[str, str] = field(default_factory=dict)
-    templates: tuple[str, ...] = zeroshot.ENSEMBLE_TEMPLATES
+    templates: tuple[str, ...] = ENSEMBLE_TEMPLATES
     classnames: str | None = None
     image_root: str | None = None
     batch_size: int = 32
@@ -96,6 +97,8 @@ def radar_chart(base: dict, enhanced: dict, labels: tuple[str, str], path: Path)
     closed = np.append(angles, angles[0])  # repeat the first point to close each polygon
     fig = Figure(figsize=(6, 6))
     ax = fig.add_subplot(polar=True)
+    ax.set_theta_offset(np.pi / 2)  # first category at the top, then clockwise
+    ax.set_theta_direction(-1)
     for label, scores in zip(labels, (base, enhanced)):
         values = [scores[c] for c in mmvp.CATEGORIES]
         ax.plot(closed, values + values[:1], label=f"{label} ({scores['average']:.1f})")

@@ -99,7 +99,8 @@ def _shard_urls(spec: str) -> list[str]:
         urls = list(braceexpand.braceexpand(spec))
     missing = [u for u in urls if not Path(u).is_file()]
     if not urls or missing:
-        raise ConfigError(f"--data {spec}: no shard {missing[0] if missing else 'matches'} (give a .csv or .tar shards)")
+        what = f"shard {missing[0]} not found" if missing else "no shard matches"
+        raise ConfigError(f"--data {spec}: {what} (give a .csv/.tsv or webdataset .tar shards)")
     return urls
 
 

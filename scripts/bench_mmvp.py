@@ -1,0 +1,99 @@
+"""Time MMVP-VLM evaluation batched vs pair by pair (the reference protocol's loop) in one run; print the ratio.
+
+Default: two small CLIPs, the one shipped with the package (miniworld: width 128, 3 layers, 64 px) and a random
+tiny one (width 32, 2 layers, 32 px, the shipped tokenizer), on a freshly written miniworld MMVP-VLM benchmark
+(135 pairs), on CPU with one thread. Both paths are timed end to end (image decoding, preprocessing, tokenising,
+model, and the batched path's near-tie rechecks) in alternation on the same machine; the figure is
+median(pairwise) / median(batched). Both paths must agree on every pick and score, or the script fails.
+
+    OMP_NUM_THREADS=1 python scripts/bench_mmvp.py [--model DIR ...] [--benchmark DIR] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel
+
+from genhancer.evaluation import mmvp
+from genhancer.evaluation.models import load_model
+from genhancer.miniworld.base import shipped_base
+from genhancer.miniworld.benchmark import write_mmvp
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} logical cores, load average {load:.1f}; torch {torch.__version__} with "
+            f"{torch.get_num_threads()} thread(s); {platform.system()} {platform.release()}")  # fmt: skip
+
+
+def random_tiny_clip(out: str) -> str:
+    """A random CLIP of width 32, 2 layers, 32 px, with the shipped model's tokenizer, saved to ``out``."""
+    base = shipped_base()
+    config = CLIPConfig.from_pretrained(base)
+    for tower in (config.text_config, config.vision_config):
+        tower.hidden_size, tower.intermediate_size, tower.num_hidden_layers, tower.num_attention_heads = 32, 64, 2, 2
+    config.vision_config.image_size = 32
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(out)
+    size = {"height": 32, "width": 32}
+    AutoImageProcessor.from_pretrained(base, size={"shortest_edge": 32}, crop_size=size).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def bench(model_dir: str, benchmark: str, args) -> None:
+    """Time both paths on one model, check they agree, print the medians and their ratio."""
+    model = load_model(model_dir, args.device)
+    runs = {"batched": lambda: mmvp.evaluate(model, benchmark, args.batch_size),
+            "pairwise": lambda: mmvp.evaluate_pairwise(model, benchmark)}  # fmt: skip
+    results = {name: run() for name, run in runs.items()}  # warm-up, and the agreement check
+    picks = {name: [(r["pred1"], r["pred2"]) for r in result.rows] for name, result in results.items()}
+    if picks["batched"] != picks["pairwise"] or results["batched"].scores != results["pairwise"].scores:
+        raise SystemExit(f"{model_dir}: batched and pairwise results differ")
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(f"\nmodel: {model_dir} ({model.family}, {sum(p.numel() for p in model.model.parameters()):,} parameters)")
+    for name, median in medians.items():
+        print(f"{name:>9}: median {median:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in times[name])})")
+    print(f"identical picks and scores; speed-up batched vs pairwise: {medians['pairwise'] / medians['batched']:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="CLIP/SigLIP directory (repeatable; default: see above)")
+    parser.add_argument("--benchmark", help="MMVP-VLM folder (default: a generated miniworld benchmark)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        benchmark = args.benchmark or str(write_mmvp(os.path.join(tmp, "mmvp")))
+        models = args.model or [str(shipped_base()), random_tiny_clip(os.path.join(tmp, "tiny"))]
+        print(f"machine: {machine()}")
+        print(f"benchmark: {benchmark}; batch size {args.batch_size}; {args.repeats} repeats")
+        for model_dir in models:
+            bench(model_dir, benchmark, args)
+
+
+if __name__ == "__main__":
+    main()
