@@ -82,29 +82,54 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk (a rename is only durable once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot fsync folders
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder so that a crash midway never leaves a half-deleted ``step-*`` folder behind."""
+    doomed = path.with_name(f".del-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer_state: dict, state: dict,
                     keep_last: int) -> Path:
     """Write checkpoint ``step`` atomically, then prune to the ``keep_last`` newest. Returns its folder."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
     tmp = root / f".tmp-{PREFIX}{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a run killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         opt_tensors, groups = _optimizer_tensors(optimizer_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                    for name in ("weights.safetensors", "optimizer.safetensors")}
+        manifest = {}
+        for name in ("weights.safetensors", "optimizer.safetensors"):
+            _fsync(tmp / name)
+            manifest[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         payload = {**state, "step": step, "param_groups": groups, "manifest": manifest}
         with open(tmp / "state.json", "w") as f:
             json.dump(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync(tmp)
+        if final.exists():  # a damaged checkpoint of this step, which the run resumed before
+            _remove(final)
         os.replace(tmp, final)
+        _fsync(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir, quiet=True)
@@ -117,9 +142,21 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer_state: di
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    complete = [p for p in list_checkpoints(root.parent) if verify(p) is None]
-    for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the ``keep_last`` newest complete checkpoints (damaged ones do not count) and anything newer; delete
+    everything older, complete or not."""
+    every = list_checkpoints(root.parent)
+    complete = [p for p in every if verify(p) is None]
+    if not complete:
+        return
+    oldest_kept = complete[-keep_last:][0]
+    for old in every:
+        if old.name < oldest_kept.name:
+            try:
+                _remove(old)
+            except OSError:  # pruning is housekeeping: never fail a run for it
+                pass
+    for stale in root.glob(".del-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -136,7 +173,10 @@ def verify(ckpt: Path) -> str | None:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError):
         return "state.json missing or unreadable"
-    for name, meta in state.get("manifest", {}).items():
+    manifest = state.get("manifest") if isinstance(state, dict) else None
+    if not isinstance(manifest, dict) or not {"weights.safetensors", "optimizer.safetensors"} <= manifest.keys():
+        return "state.json has no manifest of the checkpoint's files"
+    for name, meta in manifest.items():
         path = ckpt / name
         if not path.is_file():
             return f"{name} missing"

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_io
@@ -75,6 +76,9 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
     run = Path(cfg.train.output_dir)
     if run.exists() and not run.is_dir():
         raise ConfigError(f"train.output_dir '{run}' is a file: choose a folder")
+    parent = next((p for p in run.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"train.output_dir '{run}' is inside '{parent}', which is a file: choose a folder")
     if ckpt_io.list_checkpoints(run) and not resume:
         raise ConfigError(f"'{run}' already holds checkpoints of a run: pass --resume to continue it, "
                           "or choose another train.output_dir")
@@ -123,22 +127,36 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                             eps=cfg.optim.eps, fused=fused or None)
 
     step, position, counters = 0, {"epoch": 0, "batch": 0}, {"nonfinite": 0, "skipped_steps": 0}
+    data_stats = None
     if resume and run.is_dir():
         last = ckpt_io.latest_checkpoint(run)
         if last is not None:
             weights, opt_state, state = ckpt_io.load_checkpoint(last)
-            enh.load_saved_weights(weights)
-            opt.load_state_dict(opt_state)
-            ckpt_io.set_rng_state(state["rng"])
+            try:
+                enh.load_saved_weights(weights)
+                opt.load_state_dict(opt_state)
+            except (ConfigError, RuntimeError, ValueError, KeyError) as e:  # other shapes / trainable parameters
+                reason = str(e).strip().splitlines()[0][:200]
+                raise ConfigError(f"checkpoint {last} does not fit this run ({reason}): resume with the same model "
+                                  "and stage settings as the run that wrote it") from None
+            per_process = state.get("rng_per_process") or []
+            ckpt_io.set_rng_state(per_process[rank] if len(per_process) == world else state["rng"])
             step, position, counters = state["step"], state["data_position"], state["counters"]
+            data_stats = state.get("data_stats")
             acc.print(f"resumed from {last} at step {step}")
+        elif ckpt_io.list_checkpoints(run):
+            acc.print(f"no usable checkpoint under {run / 'checkpoints'} (see the warnings above): starting from step 0")
     loader = build_loader(cfg.data, enh.image_size, seed=t.seed, rank=rank, world=world,
                           batch_size=t.batch_size, epoch=position["epoch"], start_batch=position["batch"],
                           **_cache_source(cfg, enh))
+    if data_stats and world == 1:  # per-rank counts: only a single process can take them over exactly
+        loader.stats.seen, loader.stats.skipped = data_stats["seen"], data_stats["skipped"]
+        loader.stats.by_reason = dict(data_stats["by_reason"])
     total = _total_steps(cfg, loader, world)
     if acc.is_main_process:  # everything is checked: only now does the run leave traces on disk
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        _truncate_metrics(run / "metrics.jsonl", step)
     acc.wait_for_everyone()
 
     enh.to(acc.device)
@@ -185,11 +203,14 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                 else:
                     counters["nonfinite"] += 1
                     counters["skipped_steps"] += 1
-                    acc.print(f"step {step}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'}, "
-                              "update skipped")
+                    if acc.scaler is not None:  # fp16: lower the loss scale, re-arm unscale_ for the next step
+                        acc.scaler.update()
+                    if acc.is_main_process:  # tqdm.write: a line of its own, not glued to the progress bar
+                        tqdm.write(f"step {step + 1}: non-finite "
+                                   f"{'loss' if not math.isfinite(loss_value) else 'gradient'}, update skipped")
                     if counters["nonfinite"] > t.max_consecutive_nonfinite:
                         raise TrainingError(
-                            f"{counters['nonfinite']} non-finite steps in a row up to step {step}: the run diverged; "
+                            f"{counters['nonfinite']} non-finite steps in a row up to step {step + 1}: the run diverged; "
                             f"last good checkpoint: {last_ckpt or 'none'}. Lower optim.lr or use train.precision=fp32")
                 opt.zero_grad(set_to_none=True)
                 step += 1
@@ -205,11 +226,14 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                         metrics.flush()
                     acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
                 stopping = stop.signal is not None
+                if world > 1:  # all processes must agree, or the checkpoint's collectives would hang
+                    stopping = bool(acc.reduce(torch.tensor(float(stopping), device=acc.device), "sum").item())
                 if step % t.save_every == 0 or step == total or stopping:
                     last_ckpt = _save(acc, run, step, enh, opt, loader, counters, cfg)
                 if stopping:
-                    acc.print(f"stopped by signal {stop.signal} after step {step}; checkpoint: {last_ckpt}; "
-                              "continue with --resume")
+                    if acc.is_main_process:
+                        by = f"signal {stop.signal}" if stop.signal is not None else "a signal to another process"
+                        tqdm.write(f"stopped by {by} after step {step}; checkpoint: {last_ckpt}; continue with --resume")
                     break
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(f"train.batch_size={t.batch_size} does not fit in device memory: lower it (with a "
@@ -227,11 +251,32 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
     return run
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records a killed run logged after the checkpoint it resumes from (they are recomputed)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line torn by the kill
+            pass
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+
+
 def _save(acc, run, step, enh, opt, loader, counters, cfg) -> Path | None:
     acc.wait_for_everyone()
     path = None
+    rngs = gather_object([ckpt_io.rng_state()]) if acc.num_processes > 1 else [ckpt_io.rng_state()]
     if acc.is_main_process:
-        state = {"data_position": loader.position, "counters": counters, "rng": ckpt_io.rng_state(),
+        stats = loader.stats
+        state = {"data_position": loader.position, "counters": counters, "rng": rngs[0], "rng_per_process": rngs,
+                 "data_stats": {"seen": stats.seen, "skipped": stats.skipped, "by_reason": stats.by_reason},
                  "config": to_dict(cfg), "world_size": acc.num_processes}
         path = ckpt_io.save_checkpoint(run, step, enh.weights_to_save(), opt.state_dict(), state, cfg.train.keep_last)
     acc.wait_for_everyone()

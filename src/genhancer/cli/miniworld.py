@@ -24,11 +24,11 @@ def add_commands(sub) -> None:
 
     p = commands.add_parser("pretrain", help="pretrain the tiny base CLIP contrastively on the world")
     p.add_argument("--out", required=True, help="output folder (a save_pretrained CLIP folder)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-images", type=int, default=10_000)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-images", type=int, default=3000)
     p.add_argument("--p", type=float, default=0.15, help="probability that a caption mentions each fine attribute")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_pretrain)
 
@@ -110,7 +110,7 @@ def run_probe(args) -> None:
     model = args.model or str(shipped_base())
     if not (Path(model) / "config.json").is_file():
         raise ConfigError(f"--model {model}: not a save_pretrained CLIP folder (no config.json)")
-    result = run_probes(model)
+    result = run_probes([model])[0]
     for name, table in result.items():
         print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in table.items()))
     if args.out:

@@ -20,8 +20,8 @@ from genhancer.miniworld.base import new_base
 from genhancer.miniworld.scenes import SPLITS, caption, render_many, scene_from_seed
 
 
-def pretrain(out_dir: str | Path, steps: int = 1500, batch_size: int = 128, num_images: int = 10_000,
-             p: float = 0.15, lr: float = 2e-3, seed: int = 0, image_size: int = 64) -> Path:
+def pretrain(out_dir: str | Path, steps: int = 400, batch_size: int = 64, num_images: int = 3000,
+             p: float = 0.15, lr: float = 5e-4, seed: int = 0, image_size: int = 64) -> Path:
     """Pretrain a tiny CLIP from scratch and save it with its tokenizer and processor in ``out_dir``."""
     out = Path(out_dir)
     torch.manual_seed(seed)

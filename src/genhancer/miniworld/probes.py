@@ -52,30 +52,35 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         return float((linear(b).argmax(1) == test_y).float().mean() * 100)
 
 
-def run_probes(model_dir: str | Path, n_train: int = 2000, n_test: int = 1000, n_pairs: int = 200,
-               size: int = 64) -> dict[str, dict[str, float]]:
-    """``{"linear": {attribute: acc}, "blind_pairs": {attribute: acc}}`` plus an ``"average"`` in each."""
-    model = CLIPModel.from_pretrained(model_dir).eval()
-    processor = CLIPImageProcessor.from_pretrained(model_dir)
+def run_probes(model_dirs: list[str | Path], n_train: int = 2000, n_test: int = 1000, n_pairs: int = 200,
+               size: int = 64) -> list[dict[str, dict[str, float]]]:
+    """Per model: ``{"linear": {attribute: acc}, "blind_pairs": {attribute: acc}}``, each with an ``"average"``.
+
+    The scenes are rendered once and shared by all models.
+    """
     first = SPLITS["probe"]
     scenes = [scene_from_seed(first + i) for i in range(n_train + n_test)]
-    feats = embed(model, processor, render_many(scenes, size))
-    linear = {}
-    for attribute in ATTRIBUTES:
-        y = torch.tensor([s.labels[attribute] for s in scenes])
-        linear[attribute] = linear_probe(feats[:n_train], y[:n_train], feats[n_train:], y[n_train:],
-                                         len(ATTRIBUTES[attribute]))
-    blind = {}
+    images = render_many(scenes, size)
+    triplets = []
     for c, attribute in enumerate(ATTRIBUTES):
-        triplets = []
         for i in range(n_pairs):
             seed = first + 1_000_000 + c * 100_000 + i
             scene, changed = make_pair(seed, attribute)
             triplets += [scene, changed, scene.with_(**sample_nuisance(np.random.default_rng([seed, 2])))]
-        e = torch.nn.functional.normalize(embed(model, processor, render_many(triplets, size)), dim=-1).view(n_pairs, 3, -1)
-        sim_changed = (e[:, 0] * e[:, 1]).sum(-1)
-        sim_nuisance = (e[:, 0] * e[:, 2]).sum(-1)
-        blind[attribute] = float((sim_changed < sim_nuisance).float().mean() * 100)
-    for table in (linear, blind):
-        table["average"] = float(np.mean(list(table.values())))
-    return {"linear": linear, "blind_pairs": blind}
+    triplet_images = render_many(triplets, size)
+    labels = {a: torch.tensor([s.labels[a] for s in scenes]) for a in ATTRIBUTES}
+    results = []
+    for model_dir in model_dirs:
+        model = CLIPModel.from_pretrained(model_dir).eval()
+        processor = CLIPImageProcessor.from_pretrained(model_dir)
+        feats = embed(model, processor, images)
+        linear = {a: linear_probe(feats[:n_train], y[:n_train], feats[n_train:], y[n_train:], len(ATTRIBUTES[a]))
+                  for a, y in labels.items()}
+        e = torch.nn.functional.normalize(embed(model, processor, triplet_images), dim=-1)
+        e = e.view(len(ATTRIBUTES), n_pairs, 3, -1)
+        told_apart = (e[:, :, 0] * e[:, :, 1]).sum(-1) < (e[:, :, 0] * e[:, :, 2]).sum(-1)
+        blind = {a: float(told_apart[c].float().mean() * 100) for c, a in enumerate(ATTRIBUTES)}
+        for table in (linear, blind):
+            table["average"] = float(np.mean(list(table.values())))
+        results.append({"linear": linear, "blind_pairs": blind})
+    return results
