@@ -145,7 +145,7 @@ def _prune(root: Path, keep_last: int) -> None:
     """Keep the ``keep_last`` newest complete checkpoints (damaged ones do not count) and anything newer; delete
     everything older, complete or not."""
     every = list_checkpoints(root.parent)
-    complete = [p for p in every if verify(p) is None]
+    complete = [p for p in every if verify(p, deep=False) is None]
     if not complete:
         return
     oldest_kept = complete[-keep_last:][0]
@@ -167,8 +167,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def verify(ckpt: Path) -> str | None:
-    """None if ``ckpt`` is complete and intact, else what is wrong with it."""
+def verify(ckpt: Path, deep: bool = True) -> str | None:
+    """None if ``ckpt`` is complete and intact, else what is wrong with it; ``deep=False`` skips the checksums
+    (for pruning, which must not re-read gigabytes at every save)."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError):
@@ -182,7 +183,7 @@ def verify(ckpt: Path) -> str | None:
             return f"{name} missing"
         if path.stat().st_size != meta["bytes"]:
             return f"{name} truncated"
-        if _sha256(path) != meta["sha256"]:
+        if deep and _sha256(path) != meta["sha256"]:
             return f"{name} corrupt (checksum mismatch)"
     return None
 

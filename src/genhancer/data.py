@@ -41,6 +41,7 @@ import hashlib
 import io
 import itertools
 import math
+import signal
 import tarfile
 import warnings
 import zlib
@@ -507,6 +508,12 @@ class Loader:
             self._epoch, self._batch = self._epoch + 1, 0
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C / SIGTERM reach the whole process group: workers leave them to the trainer, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(cfg: DataConfig, image_size: int, *, seed: int, rank: int = 0, world: int = 1, batch_size: int,
                  epoch: int = 0, start_batch: int = 0, source=None) -> Loader:
     """This rank's :class:`Loader` of ``batch_size`` crops of ``image_size``, resuming at (epoch, start_batch).
@@ -527,7 +534,8 @@ def build_loader(cfg: DataConfig, image_size: int, *, seed: int, rank: int = 0, 
         else:
             raise ConfigError(f"data.source={cfg.source} needs its dataset passed to build_loader(source=...)")
     workers = cfg.num_workers
-    loader_kw = dict(num_workers=workers, collate_fn=partial(_collate, size=image_size), persistent_workers=False)
+    loader_kw = dict(num_workers=workers, collate_fn=partial(_collate, size=image_size), persistent_workers=False,
+                     worker_init_fn=_ignore_stop_signals if workers > 0 else None)
     if workers > 0:
         loader_kw["prefetch_factor"] = cfg.prefetch_factor
 

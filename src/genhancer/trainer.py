@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -143,6 +144,7 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
             ckpt_io.set_rng_state(per_process[rank] if len(per_process) == world else state["rng"])
             step, position, counters = state["step"], state["data_position"], state["counters"]
             data_stats = state.get("data_stats")
+            _warn_if_not_exact(last, state, t, world)
             acc.print(f"resumed from {last} at step {step}")
         elif ckpt_io.list_checkpoints(run):
             acc.print(f"no usable checkpoint under {run / 'checkpoints'} (see the warnings above): starting from step 0")
@@ -249,6 +251,19 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
             {"seen": loader.stats.seen, "skipped": loader.stats.skipped, "by_reason": loader.stats.by_reason,
              "nonfinite_steps": counters["skipped_steps"]}, indent=1))
     return run
+
+
+def _warn_if_not_exact(ckpt: Path, state: dict, t, world: int) -> None:
+    """Seed, batch and process count decide the data position's meaning and every draw: changing them on resume
+    is allowed (e.g. another node count), but the run no longer continues as the uninterrupted one would."""
+    was = state.get("config", {}).get("train", {})
+    changed = [f"train.{k} {was[k]} -> {getattr(t, k)}" for k in ("seed", "batch_size", "grad_accum")
+               if k in was and was[k] != getattr(t, k)]
+    if state.get("world_size", world) != world:
+        changed.append(f"processes {state['world_size']} -> {world}")
+    if changed:
+        warnings.warn(f"resuming {ckpt} with {', '.join(changed)}: the run continues, but its data order and random "
+                      "draws differ from those of an uninterrupted run", stacklevel=3)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
