@@ -32,9 +32,10 @@ def test_two_stages_then_export_loads_as_clip(tiny_clip, overrides, tmp_path):
     assert all(torch.equal(base_sd[k], new_sd[k]) for k in base_sd if k not in vision)  # text tower, projections
     assert CLIPImageProcessor.from_pretrained(out).crop_size["height"] == 32
     # LLaVA's vision-tower loader: CLIPVisionModel + CLIPImageProcessor from the same folder
-    tower = CLIPVisionModel.from_pretrained(out)
-    torch.testing.assert_close(tower.vision_model.embeddings.patch_embedding.weight,
-                               new_sd["vision_model.embeddings.patch_embedding.weight"])
+    tower = CLIPVisionModel.from_pretrained(out).state_dict()  # its key prefix differs across transformers versions
+    for key in vision:
+        loaded = next(v for k, v in tower.items() if key.endswith(k))
+        torch.testing.assert_close(loaded, new_sd[key])
     card = (out / "README.md").read_text()
     assert "stage2" in card and "LoRA r=16" in card and str(tiny_clip) in card
 

@@ -66,11 +66,14 @@ def _bench(args) -> int:
         flags = ["data.source=synthetic"] * (not args.real_data) + [f"stage.stage={args.stage}"] * bool(args.stage)
         flags += [f"train.batch_size={args.batch_size}"] * bool(args.batch_size)
         cfg = _load(args, flags, preset_base(args.preset, Path(work)))
+        backbone = cfg.model.backbone
         if args.resolution:
             cfg = at_resolution(cfg, args.resolution, Path(work))
         record = bench(cfg, warmup=args.warmup, steps=args.steps, cache=args.cache, views=args.views, cpu=args.cpu,
                        attention=args.attention, peak_tflops=args.peak_tflops, real_data=args.real_data)
     record["preset"] = args.preset
+    if args.resolution:  # name the architecture, not the temporary folder that held its config
+        record["config"]["backbone"] = f"{backbone} at {args.resolution}px (random weights)"
     print(table(record))
     if args.json:
         append_json(record, args.json)
