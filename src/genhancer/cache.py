@@ -191,12 +191,15 @@ def _one_epoch(cfg: RunConfig, size: int, epoch: int):
 def _encode(enh, chunk, view, kind, local, device, autocast, dtype) -> dict[str, torch.Tensor]:
     pixels = torch.stack([p for p, _ in chunk]).to(device)
     with autocast:
-        out = {"target": enh.target({"pixels": pixels}).float()}
+        target = enh.target({"pixels": pixels})
+        out = {}
         if kind == "cond":
             n = len(chunk)
             idx = torch.arange(enh.backbone.num_patches, device=device).expand(n, -1) if local else None
             out["cond"] = enh.backbone(pixels, idx).float()
     out = {k: v.to(dtype).cpu() for k, v in out.items()}
+    # code indices stay integers: a bf16 cache would silently round indices above 256
+    out["target"] = target.cpu() if not target.is_floating_point() else target.float().to(dtype).cpu()
     if kind == "pixels":
         out["pixels"] = pixels.mul(255).round().to(torch.uint8).cpu()  # crops are 8-bit values / 255: lossless
     out["index"] = torch.tensor([i for _, i in chunk], dtype=torch.long)
