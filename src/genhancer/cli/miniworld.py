@@ -62,8 +62,9 @@ def _positive(name: str, value: float) -> None:
 
 
 def run_generate(args) -> None:
-    from genhancer.miniworld.scenes import caption, render, scene_from_seed
     import numpy as np
+
+    from genhancer.miniworld.scenes import ATTRIBUTES, caption, render, scene_from_seed
 
     _positive("num", args.num)
     _positive("size", args.size)
@@ -76,7 +77,8 @@ def run_generate(args) -> None:
         for seed in range(args.first_seed, args.first_seed + args.num):
             scene = scene_from_seed(seed)
             render(scene, args.size).save(out / f"{seed:08d}.png")
-            f.write(json.dumps({"file": f"{seed:08d}.png", "seed": seed, "labels": scene.labels,
+            attributes = {"shape": scene.shape} | {a: getattr(scene, a) for a in ATTRIBUTES}
+            f.write(json.dumps({"file": f"{seed:08d}.png", "seed": seed, "attributes": attributes,
                                 "caption": caption(scene, rng, args.p)}) + "\n")
     print(f"wrote {args.num} images to {out}")
 
