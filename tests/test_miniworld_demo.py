@@ -1,0 +1,56 @@
+"""The miniature world's demo (``--fast``) end to end, and the CLI's handling of mistakes."""
+
+import json
+
+import pytest
+
+from genhancer.config import ConfigError
+
+
+@pytest.mark.slow
+def test_fast_demo_runs_end_to_end(tmp_path):
+    from genhancer.miniworld.demo import demo
+
+    out = demo(tmp_path / "demo", fast=True)
+    for name in ("report.md", "radar.png", "loss_curves.png", "reconstructions.png", "results.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["mmvp"]) == {"Original", "GenHancer"}
+    assert (out / "enhanced" / "config.json").is_file()
+    assert "GenHancer" in (out / "report.md").read_text()
+
+    from genhancer.miniworld.probes import condition_use
+
+    losses = condition_use(out / "runs" / "stage1", n=8, repeats=1)
+    assert set(losses) == {"own", "new_background", "one_attribute_changed", "other_scene"}
+    assert all(v > 0 for v in losses.values())
+
+
+def test_demo_refuses_a_non_empty_folder(tmp_path):
+    from genhancer.miniworld.demo import demo
+
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        demo(tmp_path, fast=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["miniworld", "generate", "--out", "x", "--num", "0"], "--num must be > 0"),
+    (["miniworld", "ablate", "nothing"], "unknown study"),
+    (["miniworld", "probe", "--model", "/nonexistent"], "not a save_pretrained CLIP folder"),
+])
+def test_cli_mistakes_are_one_line_errors(argv, message, capsys):
+    from genhancer.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_generate_writes_images_with_labels_and_captions(tmp_path):
+    from genhancer.cli import main
+
+    assert main(["miniworld", "generate", "--out", str(tmp_path), "--num", "3", "--size", "32"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [0, 1, 2] and all((tmp_path / r["file"]).is_file() for r in rows)
+    assert rows[0]["attributes"]["shape"] in rows[0]["caption"]
