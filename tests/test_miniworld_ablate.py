@@ -5,7 +5,7 @@ import math
 import pytest
 
 from genhancer.config import ConfigError
-from genhancer.miniworld.ablate import BASE, METRICS, STUDIES, ablate, plot, summarise
+from genhancer.miniworld.ablate import BASE, METRICS, STUDIES, VQ_CONFIG, VQ_DIR, ablate, plot, resolve, summarise
 from genhancer.miniworld.demo import FAST, run_config
 
 
@@ -32,6 +32,43 @@ def test_summary_is_mean_and_std_over_seeds(tmp_path):
     assert (tmp_path / "plot.png").is_file() and (tmp_path / "curve.png").is_file()
 
 
-def test_discrete_study_says_what_is_missing(tmp_path):
-    with pytest.raises(ConfigError, match="VQ latent"):
-        ablate("denoiser", out=tmp_path)
+def test_denoiser_study_builds_continuous_and_discrete_configs(tmp_path):
+    """Table 6: both variants are valid run configs of the same recipe; the discrete one reads the ablation's VQ."""
+    import torch
+    from diffusers import VQModel
+
+    from genhancer.denoisers import build_head
+    from genhancer.latents import PixelSpace
+    from genhancer.vq import VQSpace
+
+    variants = STUDIES["denoiser"]
+    assert len(variants) == 2
+    cfgs = {}
+    for name, overrides in variants.items():
+        for stage in ("stage1", "stage2"):
+            cfg = run_config(FAST, "base", tmp_path, tmp_path / "run", stage, tmp_path if stage == "stage2" else None,
+                             extra=resolve(overrides, tmp_path / "vq"))
+            cfgs[name] = cfg
+            assert VQ_DIR not in repr(cfg)
+    cont, disc = cfgs.values()
+    assert (cont.model.latent, cont.model.denoiser) == ("pixel", "flux-tiny")
+    assert (disc.model.latent, disc.model.denoiser) == ("vq", "perceiver-tiny")
+    assert disc.model.latent_path == str(tmp_path / "vq")
+    for field in ("optim", "train", "objective"):
+        a, b = vars(getattr(cont, field)).copy(), vars(getattr(disc, field)).copy()
+        assert a == b  # same stage recipe; only the latent space and the head differ
+    # comparable heads over the same 64 tokens: 8 x 8 VQ codes vs 8 x 8 patches of the 32 px pixel space
+    vq = VQSpace(VQModel.from_config(VQ_CONFIG))
+    assert vq.target_shape(64) == (8, 8)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    heads = [build_head(c.model.denoiser, c.model.denoiser_arch, 64, space)
+             for c, space in ((cont, PixelSpace(2)), (disc, vq))]
+    assert 0.7 < n(heads[1]) / n(heads[0]) < 1.3
+    draws = heads[1].draw(2, (8, 8), torch.Generator().manual_seed(0))
+    loss = heads[1].loss(torch.randint(0, 256, (2, 8, 8)), torch.randn(2, 1, 64), draws)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+
+
+def test_unknown_study_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="unknown study"):
+        ablate("nope", out=tmp_path)

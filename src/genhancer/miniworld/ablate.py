@@ -2,8 +2,9 @@
 run over seeds on the shipped base CLIP (the demo's recipe at half the steps: 150 + 150) and scored on the held-out large MMVP benchmark and the text-free probes.
 
 Studies (paper reference): ``timesteps`` (Table 4), ``condition`` (Fig. 5), ``stages`` (Fig. 6), ``finetune``
-(Fig. 8), ``size`` (Table 5), ``denoiser`` (Table 6: continuous vs discrete; needs the discrete denoiser and a VQ
-latent space) and ``curve`` (reconstruction loss vs representation score across stage-2 training steps).
+(Fig. 8), ``size`` (Table 5), ``denoiser`` (Table 6: the continuous ``flux-tiny`` in the 2x-downsampled pixel space
+vs the discrete ``perceiver-tiny`` over a tiny f8 VQ tokenizer trained on the world's train images into
+``<out>/vq``) and ``curve`` (reconstruction loss vs representation score across stage-2 training steps).
 Each writes ``results.jsonl`` (one line per run), ``table.md`` (mean +- std over seeds) and ``plot.png``.
 """
 
@@ -18,6 +19,20 @@ import numpy as np
 
 from genhancer.config import ConfigError
 
+
+# The discrete variant's tokenizer: ``configs/vq/tiny.json`` with a fourth level (f8: a 64 px scene -> 8 x 8 = 64
+# codes, as many tokens as the continuous head's 8 x 8 patches of the 32 px pixel space) and narrower early levels
+# so that it trains in ~2-3 min on one CPU core. Trained once per ablation folder on the train-split images only
+# (seed 0), cached in ``<out>/vq``; ~0.7 M parameters, not shipped.
+VQ_CONFIG = {
+    "_class_name": "VQModel", "in_channels": 3, "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 16, 32, 64], "layers_per_block": 1, "act_fn": "silu", "latent_channels": 16,
+    "vq_embed_dim": 16, "num_vq_embeddings": 256, "norm_num_groups": 16, "sample_size": 64, "scaling_factor": 1.0,
+    "norm_type": "group", "mid_block_add_attention": False,
+}
+VQ_STEPS, VQ_BATCH, VQ_LR = 400, 16, 1e-3
+VQ_DIR = "<world-vq>"  # replaced by the ablation's tokenizer folder when a variant runs
 STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
     "timesteps": {
         "uniform": ("objective.timestep_sampling=uniform",),
@@ -32,11 +47,42 @@ STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
     "stages": {"two-stage": (), "end-to-end": ("stage.stage=e2e",)},
     "finetune": {"LoRA": ("stage.finetune=lora",), "full": ("stage.finetune=full",)},
     "size": {f"n={n}": (f"model.denoiser_arch={{patch_size: 4, depth_double: {n}}}",) for n in (1, 2, 3)},
-    "denoiser": {"continuous": ()},
+    # perceiver-tiny widened to the flux-tiny head's width (64, 4 heads) with 4 layers: 0.30 M vs 0.33 M parameters
+    "denoiser": {
+        "continuous (flux-tiny)": (),
+        "discrete (perceiver-tiny)": ("model.latent=vq", f"model.latent_path={VQ_DIR}", "model.denoiser=perceiver-tiny",
+                                      "model.denoiser_arch={width: 64, heads: 4, depth: 4}"),
+    },
     "curve": {"stage 2": ()},
 }
 METRICS = ("mmvp_large", "linear_probe", "blind_pairs")
 BASE = "base (not tuned)"
+
+
+def resolve(overrides: tuple[str, ...], vq_dir: Path | None) -> tuple[str, ...]:
+    """``overrides`` with the VQ placeholder replaced by ``vq_dir``."""
+    return tuple(o.replace(VQ_DIR, str(vq_dir)) for o in overrides)
+
+
+def world_vq(images: Path, out: Path, steps: int = VQ_STEPS, seed: int = 0) -> Path:
+    """The tiny f8 VQ tokenizer of the world, trained on ``images`` (train split) into ``out`` unless already there."""
+    import torch
+
+    from genhancer.vq import folder_images, train_vq
+
+    if (out / "config.json").is_file():
+        return out
+    space, losses = train_vq(folder_images(str(images), 64), str(out), VQ_CONFIG, steps=steps, batch_size=VQ_BATCH,
+                             lr=VQ_LR, seed=seed, device="cpu")
+    with torch.no_grad():
+        x = folder_images(str(images), 64)[:256]
+        codes = space.encode(x)
+        stats = {"steps": steps, "final_loss": losses[-1], "recon_mse": float(((space.decode(codes) - x) ** 2).mean()),
+                 "image_variance": float(x.var()), "codes_used": int(codes.unique().numel()),
+                 "grid": list(codes.shape[1:])}
+    (out / "vq_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"VQ tokenizer: {stats}", flush=True)
+    return out
 
 
 def _score(model_dir: Path, benchmark: Path, recipe) -> dict[str, float]:
@@ -109,13 +155,13 @@ def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fas
     from genhancer.miniworld.base import shipped_base
     from genhancer.miniworld.demo import FAST, FULL, write_world
 
-    if study == "denoiser":
-        raise ConfigError("study 'denoiser' needs the discrete denoiser's VQ latent space for the miniature world, "
-                          "which is not wired yet; run the other studies")
+    if study not in STUDIES:
+        raise ConfigError(f"unknown study '{study}': choose one of {', '.join(STUDIES)}")
     out = Path(out)
     recipe = FAST if fast else replace(FULL, stage1_steps=150, stage2_steps=150, probe_train=1000, probe_test=500,
                                        probe_pairs=100)
     world = write_world(out / "world", recipe)
+    vq_dir = world_vq(world["train"], out / "vq", steps=2 if fast else VQ_STEPS) if study == "denoiser" else None
     variants = {BASE: (), **STUDIES[study]}
     rows = [{"variant": BASE, "seed": 0, "final": True, "step": 0, "loss": float("nan"),
              **_score(shipped_base(), world["mmvp-large"], recipe)}]
@@ -125,6 +171,7 @@ def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fas
     for name, overrides in STUDIES[study].items():
         if study == "curve":
             overrides = (*overrides, *every)
+        overrides = resolve(overrides, vq_dir)
         for seed in range(seeds):
             work = out / "runs" / f"{name.replace(' ', '_').replace('%', 'pct')}-seed{seed}"
             if work.exists():
