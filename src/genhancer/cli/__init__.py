@@ -80,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     from ..backbones import BACKBONES
     from ..denoisers import DENOISERS
 
-    parser = argparse.ArgumentParser(prog="genhancer", description=__doc__)
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="genhancer", description="Post-train CLIP-family vision encoders with GenHancer (Ma et al., 2025): a "
+        "lightweight denoiser reconstructs each image from the encoder's global token, and the encoder learns to "
+        "see fine details.")
+    parser.add_argument("--version", action="version", version=f"genhancer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="run one stage (stage1, stage2 or e2e) of GenHancer post-training")
