@@ -112,6 +112,9 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
     acc = accelerator or Accelerator(mixed_precision="no" if t.precision == "fp32" else t.precision,
                                      log_with=[x for x in t.trackers if _tracker_available(x)] or None,
                                      project_dir=t.output_dir)
+    if acc.distributed_type.name in ("DEEPSPEED", "FSDP"):
+        raise ConfigError(f"accelerate's {acc.distributed_type.name} is not supported by the trainer yet (it steps, "
+                          "clips and accumulates by itself): launch with DDP, e.g. configs/accelerate/ddp-8gpu.yaml")
     world, rank = acc.num_processes, acc.process_index
     run = check_run_dir(cfg, resume)
     torch.manual_seed(t.seed)  # the head's initialisation: identical on every process and every rerun
