@@ -76,3 +76,18 @@ def test_console_script_info_prints_the_papers_counts():
     out = subprocess.run([sys.executable, "-m", "genhancer", "info", "--denoiser", "flux-paper",
                           "--backbone", "openai-clip-vit-l-14-224"], capture_output=True, text=True, check=True).stdout
     assert "1,310,154,816" in out and "427,616,513" in out
+
+
+def test_compiled_run_writes_the_same_checkpoint_names(tiny_clip, overrides, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    compile_module = torch.nn.Module.compile  # the eager backend: same wrapping, no minutes of C++ code generation
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager"))
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    main(["train", *overrides(tiny_clip, plain, steps=1)])
+    main(["train", *overrides(tiny_clip, compiled, steps=1, train__compile="true")])
+    a = load_file(str(plain / "checkpoints/step-0000001/weights.safetensors"))
+    b = load_file(str(compiled / "checkpoints/step-0000001/weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

@@ -121,8 +121,8 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
     enh = build_enhancer(cfg)
     _load_init(enh, cfg)
     apply_stage(enh, cfg.stage, t.grad_checkpointing)
-    if t.compile:
-        enh.head = torch.compile(enh.head)
+    if t.compile:  # in place, so that checkpoints keep the uncompiled parameter names
+        enh.head.denoiser.compile()
     trainable = [p for p in enh.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError("nothing to train: stage 2 with a frozen head needs the encoder tuned (stage.finetune)")

@@ -11,6 +11,8 @@ The trainer knows nothing else about it, so continuous, discrete or any future k
 * ``loss(target, cond, draws)``: per-sample loss ``(B,)``.
 * ``sample(cond, target_shape, generator, steps)``: a reconstruction of the target from the condition alone.
 
+A head keeps its network in ``self.denoiser`` (what ``train.compile`` compiles) beside its projector(s).
+
 Condition tokens ``cond: (B, L, D)`` come from the backbone adapter; ``cond[:, 0]`` is the global token
 (projected [CLS] for CLIP, ``pooler_output`` for SigLIP) and ``cond[:, 1:]`` optional local tokens.
 """
