@@ -59,6 +59,8 @@ def test_timestep_sampling_distributions():
     logit = torch.log(t_ln / (1 - t_ln))  # logit of sigmoid(s * eps) is s * eps ~ N(0, s^2)
     assert abs(logit.std() - 1.0) < 0.03
     assert ((t_wide < 0.05) | (t_wide > 0.95)).float().mean() > 0.5  # large s pushes t to the ends
+    t_noisy = tiny_head(logit_normal_mean=1.5).draw(20000, (3, 2, 2), g)["t"]
+    assert abs(torch.log(t_noisy / (1 - t_noisy)).mean() - 1.5) < 0.03  # a mean m shifts t towards noise
 
 
 def test_draws_are_a_function_of_the_generator_only():

@@ -61,3 +61,10 @@ def test_cls_plus_local_condition_has_the_right_number_of_tokens(tiny_clip, over
     draws = enh.draw(2, torch.Generator().manual_seed(0))
     cond = enh.condition({"pixels": torch.rand(2, 3, 32, 32)}, draws["local_index"])
     assert cond.shape == (2, expected, 16)
+
+
+def test_objective_settings_reach_the_head(tiny_clip, overrides, tmp_path):
+    cfg = load_config(None, overrides(tiny_clip, tmp_path, objective__logit_normal_mean=1.5,
+                                      objective__logit_normal_scale=0.5, objective__timestep_sampling="uniform"))
+    arch = build_enhancer(cfg).head.arch
+    assert (arch.logit_normal_mean, arch.logit_normal_scale, arch.timestep_sampling) == (1.5, 0.5, "uniform")

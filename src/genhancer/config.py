@@ -43,7 +43,8 @@ class ObjectiveConfig:
     """How reconstruction targets are corrupted."""
 
     timestep_sampling: str = "logit-normal"  # "logit-normal" (Eq. 6) or "uniform"
-    logit_normal_scale: float = 1.0  # s in t = sigmoid(s * eps)
+    logit_normal_scale: float = 1.0  # s in t = sigmoid(m + s * eps)
+    logit_normal_mean: float = 0.0  # m: 0 in the paper; > 0 samples nearer t = 1 (pure noise)
     mask_ratio_min: float = 0.5  # discrete denoiser: per-sample mask ratio ~ U[min, max] (paper: 50-90%)
     mask_ratio_max: float = 0.9
     mask_ratio: float | None = None  # fixed mask ratio instead of the range (Table 8)

@@ -94,7 +94,7 @@ the source's, unchanged. Load it as the source loads: `{model_class}.from_pretra
 | --- | --- |
 | recipe | {s.stage}, {tuning}, head {'trained' if s.train_head or s.stage == 'e2e' else 'frozen'} |
 | denoiser | {m.denoiser} over latent `{m.latent}`, condition `{m.condition}` |
-| objective | timesteps {cfg.objective.timestep_sampling} (s={cfg.objective.logit_normal_scale}) |
+| objective | timesteps {cfg.objective.timestep_sampling} (m={cfg.objective.logit_normal_mean}, s={cfg.objective.logit_normal_scale}) |
 | optimiser | AdamW lr={cfg.lr}, batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum} per process, {cfg.train.precision} |
 | steps | {state['step']} (checkpoint `{ckpt}`) |
 | exported | {datetime.date.today().isoformat()} with genhancer {__version__} |

@@ -42,6 +42,7 @@ class FluxArch:
     theta: int = 10_000
     timestep_sampling: str = "logit-normal"  # copied from objective.* by the trainer
     logit_normal_scale: float = 1.0
+    logit_normal_mean: float = 0.0
     grad_checkpointing: bool = False
 
 
@@ -289,7 +290,8 @@ class FlowHead(GenerativeHead):
         if self.arch.timestep_sampling == "uniform":
             t = torch.rand(n, generator=generator)
         else:
-            t = torch.sigmoid(self.arch.logit_normal_scale * torch.randn(n, generator=generator))
+            eps = torch.randn(n, generator=generator)
+            t = torch.sigmoid(self.arch.logit_normal_mean + self.arch.logit_normal_scale * eps)
         return {"noise": noise.to(device), "t": t.to(device)}
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
