@@ -175,3 +175,15 @@ def reference_mmvp(model_dir: str | Path, family: str, benchmark_dir: str | Path
         scores.append(pair_accuracies[category])
     pair_accuracies["average"] = sum(scores) / len(scores)
     return rows, pair_accuracies
+
+
+def run_eval_cli(argv: list[str]) -> None:
+    """Parse and run ``genhancer eval ...`` through the real command registration, letting ConfigError through."""
+    import argparse
+
+    from genhancer.cli import eval as eval_cli
+
+    parser = argparse.ArgumentParser()
+    eval_cli.add_commands(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    args.func(args)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
-from eval_fixtures import make_mmvp, one_torch_thread, random_image, save_tiny_clip  # noqa: F401
+from eval_fixtures import run_eval_cli, make_mmvp, one_torch_thread, random_image, save_tiny_clip  # noqa: F401
 
 from genhancer.cli import eval as eval_cli
 from genhancer.config import ConfigError
@@ -61,16 +60,9 @@ def data(tmp_path_factory):
     return {"mmvp": make_mmvp(root / "mmvp"), "cls": root / "cls", "pairs": root / "pairs.csv", **models}
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser()
-    eval_cli.add_commands(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    args.func(args)
-
-
 def test_compare_end_to_end(data, tmp_path, capsys):
     out = tmp_path / "report"
-    _cli(["eval", "compare", str(data["base"]), str(data["enhanced"]), "--mmvp", str(data["mmvp"]),
+    run_eval_cli(["eval", "compare", str(data["base"]), str(data["enhanced"]), "--mmvp", str(data["mmvp"]),
           "--zeroshot", f"Pets={data['cls']}", "--retrieval", str(data["pairs"]), "--templates", "single",
           "--out", str(out), "--device", "cpu"])  # fmt: skip
     md = (out / "report.md").read_text()
@@ -87,8 +79,8 @@ def test_compare_end_to_end(data, tmp_path, capsys):
 
 def test_compare_user_errors(data, tmp_path):
     with pytest.raises(ConfigError, match="nothing to compare"):
-        _cli(["eval", "compare", str(data["base"]), str(data["enhanced"])])
+        run_eval_cli(["eval", "compare", str(data["base"]), str(data["enhanced"])])
     with pytest.raises(ConfigError, match="dataset name 'cls' given twice"):
-        _cli(["eval", "compare", "a", "b", "--zeroshot", str(data["cls"]), "--zeroshot", str(data["cls"])])
+        run_eval_cli(["eval", "compare", "a", "b", "--zeroshot", str(data["cls"]), "--zeroshot", str(data["cls"])])
     with pytest.raises(ConfigError, match="Questions.csv not found"):
-        _cli(["eval", "compare", "a", "b", "--mmvp", str(tmp_path)])
+        run_eval_cli(["eval", "compare", "a", "b", "--mmvp", str(tmp_path)])

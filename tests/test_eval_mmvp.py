@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import shutil
@@ -10,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 from eval_fixtures import (  # noqa: F401 (one_torch_thread is an autouse fixture)
+    run_eval_cli,
     make_mmvp,
     one_torch_thread,
     reference_mmvp,
@@ -178,16 +178,9 @@ def test_unreadable_image_names_file_and_line(tmp_path):
             run()
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser()
-    eval_cli.add_commands(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    args.func(args)
-
-
 def test_cli_writes_predictions_and_scores(tmp_path, bench, capsys):
     model_dir = save_tiny_clip(tmp_path / "m")
-    _cli(["eval", "mmvp", "--model", str(model_dir), "--benchmark", str(bench), "--out", str(tmp_path / "o")])
+    run_eval_cli(["eval", "mmvp", "--model", str(model_dir), "--benchmark", str(bench), "--out", str(tmp_path / "o")])
     rows = list(csv.DictReader(open(tmp_path / "o" / "mmvp_predictions.csv")))
     assert len(rows) == 135 and rows[0]["qid1"] == "1" and rows[0]["gt2"] == "img2"
     summary = json.loads((tmp_path / "o" / "mmvp_scores.json").read_text())
@@ -218,6 +211,6 @@ def test_load_model_errors(tmp_path):
 
 def test_cli_user_errors(tmp_path, bench):
     with pytest.raises(ConfigError, match="model 'nope' not found"):
-        _cli(["eval", "mmvp", "--model", "nope", "--benchmark", str(bench)])
+        run_eval_cli(["eval", "mmvp", "--model", "nope", "--benchmark", str(bench)])
     with pytest.raises(ConfigError, match="Questions.csv not found"):
-        _cli(["eval", "mmvp", "--model", "nope", "--benchmark", str(tmp_path)])
+        run_eval_cli(["eval", "mmvp", "--model", "nope", "--benchmark", str(tmp_path)])

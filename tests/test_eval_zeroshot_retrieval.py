@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from eval_fixtures import one_torch_thread, random_image, save_tiny_clip, save_tiny_siglip  # noqa: F401
+from eval_fixtures import run_eval_cli, one_torch_thread, random_image, save_tiny_clip, save_tiny_siglip  # noqa: F401
 
 from genhancer.cli import eval as eval_cli
 from genhancer.config import ConfigError
@@ -147,18 +146,11 @@ def test_retrieval_bad_input(captioned, tmp_path):
         retrieval.load_pairs(str(tmp_path / "none-*.tar"))
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser()
-    eval_cli.add_commands(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    args.func(args)
-
-
 def test_cli_zeroshot_and_retrieval(folder, captioned, tmp_path, capsys):
     model_dir = str(save_tiny_clip(tmp_path / "m"))
-    _cli(["eval", "zeroshot", "--model", model_dir, "--data", str(folder), "--out", str(tmp_path / "z")])
+    run_eval_cli(["eval", "zeroshot", "--model", model_dir, "--data", str(folder), "--out", str(tmp_path / "z")])
     assert json.loads((tmp_path / "z" / "zeroshot.json").read_text())["num_templates"] == 7
-    _cli(["eval", "retrieval", "--model", model_dir, "--data", str(captioned / "shard-000.tar"),
+    run_eval_cli(["eval", "retrieval", "--model", model_dir, "--data", str(captioned / "shard-000.tar"),
           "--out", str(tmp_path / "r")])  # fmt: skip
     assert set(json.loads((tmp_path / "r" / "retrieval.json").read_text())["image_to_text"]) == {"R@1", "R@5", "R@10"}
     assert "top-1" in capsys.readouterr().out
