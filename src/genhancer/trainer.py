@@ -23,6 +23,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_io
+from . import zero
 from .config import ConfigError, RunConfig, from_dict, to_dict
 from .data import build_loader
 from .enhancer import Enhancer, apply_stage, build_enhancer
@@ -109,12 +110,13 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
     """Run one stage as ``cfg`` says; returns the run folder (config.yaml, metrics.jsonl, checkpoints/)."""
     resume = cfg.train.resume if resume is None else resume
     t = cfg.train
-    acc = accelerator or Accelerator(mixed_precision="no" if t.precision == "fp32" else t.precision,
-                                     log_with=[x for x in t.trackers if _tracker_available(x)] or None,
-                                     project_dir=t.output_dir)
-    if acc.distributed_type.name in ("DEEPSPEED", "FSDP"):
-        raise ConfigError(f"accelerate's {acc.distributed_type.name} is not supported by the trainer yet (it steps, "
-                          "clips and accumulates by itself): launch with DDP, e.g. configs/accelerate/ddp-8gpu.yaml")
+    acc = accelerator or _accelerator(cfg)
+    if acc.distributed_type.name == "FSDP":
+        raise ConfigError("accelerate's FSDP is not supported by the trainer: shard with DeepSpeed ZeRO-2 "
+                          "(configs/accelerate/deepspeed-zero2-8gpu.yaml) or launch with DDP (ddp-8gpu.yaml)")
+    sharded = acc.distributed_type.name == "DEEPSPEED"
+    if sharded:
+        acc.print(zero.configure(acc, cfg))
     world, rank = acc.num_processes, acc.process_index
     run = check_run_dir(cfg, resume)
     torch.manual_seed(t.seed)  # the head's initialisation: identical on every process and every rerun
@@ -131,18 +133,17 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                             eps=cfg.optim.eps, fused=fused or None)
 
     step, position, counters = 0, {"epoch": 0, "batch": 0}, {"nonfinite": 0, "skipped_steps": 0}
-    data_stats = None
+    data_stats, opt_state = None, None
     if resume and run.is_dir():
         last = ckpt_io.latest_checkpoint(run)
         if last is not None:
             weights, opt_state, state = ckpt_io.load_checkpoint(last)
             try:
                 enh.load_saved_weights(weights)
-                opt.load_state_dict(opt_state)
+                if not sharded:  # ZeRO's partitions exist only after prepare
+                    opt.load_state_dict(opt_state)
             except (ConfigError, RuntimeError, ValueError, KeyError) as e:  # other shapes / trainable parameters
-                reason = str(e).strip().splitlines()[0][:200]
-                raise ConfigError(f"checkpoint {last} does not fit this run ({reason}): resume with the same model "
-                                  "and stage settings as the run that wrote it") from None
+                raise _misfit(last, e) from None
             per_process = state.get("rng_per_process") or []
             ckpt_io.set_rng_state(per_process[rank] if len(per_process) == world else state["rng"])
             step, position, counters = state["step"], state["data_position"], state["counters"]
@@ -165,7 +166,13 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
     acc.wait_for_everyone()
 
     enh.to(acc.device)
-    model, opt = acc.prepare(enh, opt)
+    with zero.scalars_as_vectors(enh) if sharded else nullcontext():
+        model, opt = acc.prepare(enh, opt)
+    if sharded and opt_state is not None:
+        try:
+            zero.load_optimizer_state(opt, trainable, opt_state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise _misfit(last, e) from None
     if acc.log_with:
         acc.init_trackers("genhancer", config=_flat(to_dict(cfg)))
 
@@ -183,6 +190,7 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                     group["lr"] = lr
                 loss_sum, n_images = torch.zeros((), device=acc.device), 0
                 for micro in range(t.grad_accum):
+                    last_micro = micro == t.grad_accum - 1
                     batch = next(batches)
                     gen = step_generator(t.seed, step, micro)
                     draws = enh.draw(global_micro, gen)
@@ -191,19 +199,28 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                     # each kept sample takes the draws of its slot in the global micro-batch
                     mine = {k: v[rank * t.batch_size + batch["slot"]].to(acc.device) for k, v in draws.items()}
                     data = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-                    sync = nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(model)
-                    with sync, acc.autocast():
-                        # an empty micro-batch (every sample unreadable) still runs, so that all
-                        # processes join the same gradient all-reduce
+                    # an empty micro-batch (every sample unreadable) still runs, so that all
+                    # processes join the same gradient all-reduce
+                    if sharded:  # the engine autocasts, divides by grad_accum and reduces into shards
                         loss = model(data, mine).sum() / max(b, 1)
-                        acc.backward(loss / t.grad_accum)
+                        model.set_gradient_accumulation_boundary(last_micro)
+                        model.backward(loss)
+                    else:
+                        with nullcontext() if last_micro else acc.no_sync(model), acc.autocast():
+                            loss = model(data, mine).sum() / max(b, 1)
+                            acc.backward(loss / t.grad_accum)
                     loss_sum += loss.detach() * b
                     n_images += b
-                # max_norm=inf measures the norm without clipping (optim.grad_clip=0)
-                grad_norm = acc.clip_grad_norm_(trainable, cfg.optim.grad_clip or math.inf)
                 loss_value = (acc.reduce(loss_sum, "sum") / max(1, acc.reduce(torch.tensor(n_images, device=acc.device), "sum"))).item()
+                if sharded:  # clips, then steps, or skips a step whose gradient norm is not finite
+                    model.step()
+                    grad_norm = model.get_global_grad_norm()
+                    grad_norm = math.inf if grad_norm is None or opt.step_was_skipped else float(grad_norm)
+                else:  # max_norm=inf measures the norm without clipping (optim.grad_clip=0)
+                    grad_norm = acc.clip_grad_norm_(trainable, cfg.optim.grad_clip or math.inf)
                 if math.isfinite(loss_value) and math.isfinite(float(grad_norm)):
-                    opt.step()
+                    if not sharded:
+                        opt.step()
                     counters["nonfinite"] = 0
                 else:
                     counters["nonfinite"] += 1
@@ -234,7 +251,7 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                 if world > 1:  # all processes must agree, or the checkpoint's collectives would hang
                     stopping = bool(acc.reduce(torch.tensor(float(stopping), device=acc.device), "sum").item())
                 if step % t.save_every == 0 or step == total or stopping:
-                    last_ckpt = _save(acc, run, step, enh, opt, loader, counters, cfg)
+                    last_ckpt = _save(acc, run, step, enh, opt, trainable if sharded else None, loader, counters, cfg)
                 if stopping:
                     if acc.is_main_process:
                         by = f"signal {stop.signal}" if stop.signal is not None else "a signal to another process"
@@ -254,6 +271,21 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
             {"seen": loader.stats.seen, "skipped": loader.stats.skipped, "by_reason": loader.stats.by_reason,
              "nonfinite_steps": counters["skipped_steps"]}, indent=1))
     return run
+
+
+def _accelerator(cfg: RunConfig) -> Accelerator:
+    t = cfg.train
+    kwargs = {"mixed_precision": "no" if t.precision == "fp32" else t.precision}
+    if zero.requested():
+        kwargs = zero.accelerator_kwargs(cfg)
+    return Accelerator(log_with=[x for x in t.trackers if _tracker_available(x)] or None, project_dir=t.output_dir,
+                       **kwargs)
+
+
+def _misfit(ckpt: Path, error: Exception) -> ConfigError:
+    reason = str(error).strip().splitlines()[0][:200]
+    return ConfigError(f"checkpoint {ckpt} does not fit this run ({reason}): resume with the same model "
+                       "and stage settings as the run that wrote it")
 
 
 def _warn_if_not_exact(ckpt: Path, state: dict, t, world: int) -> None:
@@ -287,16 +319,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
         tmp.replace(path)
 
 
-def _save(acc, run, step, enh, opt, loader, counters, cfg) -> Path | None:
+def _save(acc, run, step, enh, opt, sharded_params, loader, counters, cfg) -> Path | None:
     acc.wait_for_everyone()
     path = None
+    opt_state = zero.gather_optimizer_state(opt, sharded_params) if sharded_params else None
     rngs = gather_object([ckpt_io.rng_state()]) if acc.num_processes > 1 else [ckpt_io.rng_state()]
     if acc.is_main_process:
         stats = loader.stats
         state = {"data_position": loader.position, "counters": counters, "rng": rngs[0], "rng_per_process": rngs,
                  "data_stats": {"seen": stats.seen, "skipped": stats.skipped, "by_reason": stats.by_reason},
                  "config": to_dict(cfg), "world_size": acc.num_processes}
-        path = ckpt_io.save_checkpoint(run, step, enh.weights_to_save(), opt.state_dict(), state, cfg.train.keep_last)
+        path = ckpt_io.save_checkpoint(run, step, enh.weights_to_save(), opt_state or opt.state_dict(), state, cfg.train.keep_last)
     acc.wait_for_everyone()
     return path
 
