@@ -25,6 +25,12 @@ def fake_accelerator(stage=2, **zero_extra):
     return SimpleNamespace(num_processes=8, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
 
 
+def with_section(name):
+    acc = fake_accelerator()
+    acc.state.deepspeed_plugin.deepspeed_config[name] = {"type": "AdamW", "params": {"lr": 1e-4}}
+    return acc
+
+
 def test_run_config_is_written_into_deepspeed_config(tiny_clip, overrides, tmp_path):
     cfg = load_config(None, overrides(tiny_clip, tmp_path / "r", train__batch_size=16, train__grad_accum=2,
                                       train__precision="bf16", optim__grad_clip=0.5))
@@ -39,7 +45,8 @@ def test_run_config_is_written_into_deepspeed_config(tiny_clip, overrides, tmp_p
 
 @pytest.mark.parametrize("acc, match", [(fake_accelerator(stage=3), "zero_stage 1 or 2"),
                                         (fake_accelerator(stage=0), "zero_stage 1 or 2"),
-                                        (fake_accelerator(offload_optimizer={"device": "cpu"}), "device to none")])
+                                        (fake_accelerator(offload_optimizer={"device": "cpu"}), "device to none"),
+                                        (with_section("optimizer"), "remove it")])
 def test_unsupported_deepspeed_settings_are_refused(tiny_clip, overrides, tmp_path, acc, match):
     cfg = load_config(None, overrides(tiny_clip, tmp_path / "r"))
     with pytest.raises(ConfigError, match=match):

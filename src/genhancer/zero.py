@@ -53,6 +53,10 @@ def configure(acc, cfg: RunConfig) -> str:
     for what in ("offload_optimizer", "offload_param"):
         if (zero.get(what) or {}).get("device", "none") not in ("none", None):
             raise ConfigError(f"DeepSpeed {what} is not supported: set its device to none in the accelerate config")
+    for what in ("optimizer", "scheduler"):
+        if what in ds:
+            raise ConfigError(f"the DeepSpeed config has a '{what}' section: remove it (the trainer's AdamW and "
+                              "warm-up, set by optim.*, are used)")
     t = cfg.train
     ds.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
               train_batch_size=t.batch_size * t.grad_accum * acc.num_processes,
