@@ -320,16 +320,20 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _save(acc, run, step, enh, opt, sharded_params, loader, counters, cfg) -> Path | None:
+    """Rank 0 writes the checkpoint; ``sharded_params``: the trainable parameters when ZeRO shards their state."""
     acc.wait_for_everyone()
     path = None
-    opt_state = zero.gather_optimizer_state(opt, sharded_params) if sharded_params else None
+    if sharded_params:  # collective
+        opt_state = zero.gather_optimizer_state(opt, sharded_params, keep=acc.is_main_process)
+    else:
+        opt_state = opt.state_dict() if acc.is_main_process else None
     rngs = gather_object([ckpt_io.rng_state()]) if acc.num_processes > 1 else [ckpt_io.rng_state()]
     if acc.is_main_process:
         stats = loader.stats
         state = {"data_position": loader.position, "counters": counters, "rng": rngs[0], "rng_per_process": rngs,
                  "data_stats": {"seen": stats.seen, "skipped": stats.skipped, "by_reason": stats.by_reason},
                  "config": to_dict(cfg), "world_size": acc.num_processes}
-        path = ckpt_io.save_checkpoint(run, step, enh.weights_to_save(), opt_state or opt.state_dict(), state, cfg.train.keep_last)
+        path = ckpt_io.save_checkpoint(run, step, enh.weights_to_save(), opt_state, state, cfg.train.keep_last)
     acc.wait_for_everyone()
     return path
 

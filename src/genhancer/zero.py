@@ -80,9 +80,11 @@ def scalars_as_vectors(module: torch.nn.Module):
             p.data = p.data.reshape(())
 
 
-def gather_optimizer_state(opt, params: list[torch.nn.Parameter]) -> dict:
-    """AdamW's state of ``params`` as torch's ``state_dict`` (indices in ``params`` order); collective: every
-    process must call it. ``opt`` is the prepared optimizer (ZeRO's partitions under accelerate's wrapper)."""
+def gather_optimizer_state(opt, params: list[torch.nn.Parameter], keep: bool = True) -> dict | None:
+    """AdamW's state of ``params`` as torch's ``state_dict`` (indices in ``params`` order). Collective: every
+    process must call it; only those with ``keep`` hold the result (the others return None, so that 8 processes
+    do not each hold a full CPU copy). ``opt`` is the prepared optimizer (ZeRO's partitions under accelerate's
+    wrapper)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     base = opt.optimizer.optimizer  # torch's AdamW, stepping this process's flat fp32 partition
@@ -90,13 +92,13 @@ def gather_optimizer_state(opt, params: list[torch.nn.Parameter]) -> dict:
               for g in base.param_groups[:1]]
     steps = [s["step"] for s in base.state.values() if "step" in s]
     if not steps:  # nothing stepped yet
-        return {"state": {}, "param_groups": groups}
+        return {"state": {}, "param_groups": groups} if keep else None
     state = {}
     for i, p in enumerate(params):
-        state[i] = {"step": steps[0].detach().cpu().clone()}
-        for key in _STATE_KEYS:
-            state[i][key] = safe_get_full_optimizer_state(p, key).cpu()
-    return {"state": state, "param_groups": groups}
+        full = {key: safe_get_full_optimizer_state(p, key) for key in _STATE_KEYS}  # one all-reduce per tensor
+        if keep:
+            state[i] = {"step": steps[0].detach().cpu().clone(), **{k: v.cpu() for k, v in full.items()}}
+    return {"state": state, "param_groups": groups} if keep else None
 
 
 def load_optimizer_state(opt, params: list[torch.nn.Parameter], saved: dict) -> None:
