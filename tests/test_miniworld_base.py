@@ -47,7 +47,7 @@ def test_benchmark_passes_the_mmvp_evaluators_format_checks(mmvp_dir):
 def test_benchmark_is_deterministic_and_held_out(tmp_path, mmvp_dir):
     again = write_mmvp(tmp_path / "again")
     assert (again / "Questions.csv").read_text() == (mmvp_dir / "Questions.csv").read_text()
-    image = "MMVP_VLM_Images/Texts/211.jpg"
+    image = "MLLM_VLM Images/Texts/211.jpg"
     assert (again / image).read_bytes() == (mmvp_dir / image).read_bytes()
 
 

@@ -81,7 +81,23 @@ def save_tokenizer(out_dir: Path) -> CLIPTokenizer:
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tok = CLIPTokenizer.from_pretrained(out_dir, model_max_length=MAX_TEXT_LEN)
     tok.save_pretrained(out_dir)
+    _legacy_tokenizer_json(out_dir / "tokenizer.json")
     return tok
+
+
+def _legacy_tokenizer_json(path: Path) -> None:
+    """Write ``tokenizer.json``'s BPE model in the format every tokenizers release reads.
+
+    tokenizers >= 0.20 saves merges as pairs and adds ``ignore_merges``; releases before it (transformers 4.37-4.43,
+    as LLaVA pins) read only ``"a b"`` strings and reject the extra field. The content is the same.
+    """
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    bpe = data["model"]
+    bpe["merges"] = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    bpe.pop("ignore_merges", None)
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
 def tiny_config(tokenizer: CLIPTokenizer, image_size: int = 64) -> CLIPConfig:
@@ -91,6 +107,8 @@ def tiny_config(tokenizer: CLIPTokenizer, image_size: int = 64) -> CLIPConfig:
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     vision = dict(image_size=image_size, patch_size=8, hidden_size=96, intermediate_size=192,
                   num_hidden_layers=3, num_attention_heads=4)
+    # the sub-configs carry the projection width too: CLIP{Vision,Text}ModelWithProjection read it from there
+    text["projection_dim"] = vision["projection_dim"] = 64
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from genhancer.miniworld.scenes import ATTRIBUTES, PATTERNS, SPLITS, Scene, other_value, phrase, render, scene_from_seed
 
 PAIRS_PER_CATEGORY = 15
-IMAGE_FOLDER = "MMVP_VLM_Images"
+IMAGE_FOLDER = "MLLM_VLM Images"  # the folder the official MMVP-VLM and GenHancer scripts read
 
 
 def make_pair(seed: int, attribute: str) -> tuple[Scene, Scene]:
@@ -33,7 +33,7 @@ def pair_seed(first_seed: int, category: int, index: int) -> int:
 
 
 def write_mmvp(out_dir: str | Path, first_seed: int = SPLITS["mmvp"], size: int = 64, desc: str = "benchmark") -> Path:
-    """Write one MMVP-VLM directory: Questions.csv + MMVP_VLM_Images/<Type>/<id>.jpg, 9 x 15 pairs."""
+    """Write one MMVP-VLM directory: Questions.csv + "MLLM_VLM Images"/<Type>/<id>.jpg, 9 x 15 pairs."""
     out = Path(out_dir)
     rows = []
     qid = 1

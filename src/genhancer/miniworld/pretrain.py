@@ -21,7 +21,7 @@ from genhancer.miniworld.scenes import SPLITS, caption, render_many, scene_from_
 
 
 def pretrain(out_dir: str | Path, steps: int = 400, batch_size: int = 64, num_images: int = 3000,
-             p: float = 0.15, lr: float = 5e-4, seed: int = 0, image_size: int = 64) -> Path:
+             p: float | None = None, lr: float = 5e-4, seed: int = 0, image_size: int = 64) -> Path:
     """Pretrain a tiny CLIP from scratch and save it with its tokenizer and processor in ``out_dir``."""
     out = Path(out_dir)
     torch.manual_seed(seed)

@@ -75,6 +75,31 @@ _SUPERSAMPLE = 4
 
 
 @dataclass(frozen=True)
+class Style:
+    """How boldly a world draws its details and how much nuisance it adds (sizes in units of the image width)."""
+
+    radius: float = 0.1  # object radius, close view
+    nose: float = 1.0  # length and width of the direction nose, relative to the first edition
+    dot: float = 0.3  # dot radius / object radius
+    crack: float = 0.14  # crack line width / object radius
+    card: float = 0.3  # card side, close view
+    glyph: float = 0.7  # glyph height / card side
+    background: int = 190  # background channels are drawn from [background, 255]
+    shift: float = 0.05  # composition shift, each axis
+    tint: int = 20  # object colour tint, each channel
+
+
+FIRST_EDITION = Style()
+WORLD = Style()  # the world every command draws: see ``use_style``
+
+
+def use_style(style: Style) -> None:
+    """Draw every later scene (and sample its nuisance) with ``style``: experiments over world designs."""
+    global WORLD
+    WORLD = style
+
+
+@dataclass(frozen=True)
 class Scene:
     """Attributes (the labels) plus nuisance factors (background, jitter) that no caption mentions."""
 
@@ -110,9 +135,9 @@ def sample_scene(rng: np.random.Generator) -> Scene:
 
 def sample_nuisance(rng: np.random.Generator) -> dict:
     return {
-        "background": tuple(int(v) for v in rng.integers(190, 256, size=3)),
-        "shift": tuple(float(v) for v in rng.uniform(-0.05, 0.05, size=2)),
-        "tint": tuple(int(v) for v in rng.integers(-20, 21, size=3)),
+        "background": tuple(int(v) for v in rng.integers(WORLD.background, 256, size=3)),
+        "shift": tuple(float(v) for v in rng.uniform(-WORLD.shift, WORLD.shift, size=2)),
+        "tint": tuple(int(v) for v in rng.integers(-WORLD.tint, WORLD.tint + 1, size=3)),
     }
 
 
@@ -132,7 +157,7 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     img = Image.new("RGB", (big, big), scene.background)
     draw = ImageDraw.Draw(img)
     scale = 1.0 if scene.view == "close" else 0.6
-    radius, card = 0.1 * scale, 0.3 * scale
+    radius, card = WORLD.radius * scale, WORLD.card * scale
     cell = 2.6 * radius
     group = cell * (1 if scene.count == 1 else 2)
     gap = 0.07 * scale
@@ -164,9 +189,10 @@ def _draw_object(draw: ImageDraw.ImageDraw, scene: Scene, centre: tuple[float, f
     x, y = centre
     ux, uy = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}[scene.direction]
     px, py = -uy, ux
-    nose = [(x + ux * r * 0.8 + px * r * 0.45, y + uy * r * 0.8 + py * r * 0.45),
-            (x + ux * r * 1.65, y + uy * r * 1.65),
-            (x + ux * r * 0.8 - px * r * 0.45, y + uy * r * 0.8 - py * r * 0.45)]
+    w, tip = 0.45 * WORLD.nose, 0.8 + 0.85 * WORLD.nose
+    nose = [(x + ux * r * 0.8 + px * r * w, y + uy * r * 0.8 + py * r * w),
+            (x + ux * r * tip, y + uy * r * tip),
+            (x + ux * r * 0.8 - px * r * w, y + uy * r * 0.8 - py * r * w)]
     draw.polygon(nose, fill=colour)
     points = _outline(scene.shape, x, y, r)
     if scene.state == "filled":
@@ -175,9 +201,9 @@ def _draw_object(draw: ImageDraw.ImageDraw, scene: Scene, centre: tuple[float, f
         draw.polygon(points, fill=scene.background, outline=colour, width=max(1, round(r * 0.28)))
     if scene.structure == "cracked":
         zig = [(x - r * 0.75 + i * r * 0.3, y - r * 0.4 + (0.22 * r if i % 2 else -0.1 * r)) for i in range(6)]
-        draw.line(zig, fill=(20, 20, 20), width=max(1, round(r * 0.14)))
-    if scene.mark == "dot":
-        d = r * 0.3
+        draw.line(zig, fill=(20, 20, 20), width=max(1, round(r * WORLD.crack)))
+    if scene.mark == "dot" and WORLD.dot > 0:
+        d = r * WORLD.dot
         draw.ellipse((x - d, y + r * 0.05 - d, x + d, y + r * 0.05 + d), fill=(15, 15, 15))
 
 
@@ -185,7 +211,7 @@ def _draw_card(draw: ImageDraw.ImageDraw, text: str, centre: tuple[float, float]
     x, y = centre
     h = size / 2
     draw.rectangle((x - h, y - h, x + h, y + h), fill=(250, 250, 250), outline=(60, 60, 60), width=max(1, round(size * 0.05)))
-    px = size * 0.7 / 7
+    px = size * WORLD.glyph / 7
     for row, bits in enumerate(GLYPHS[text]):
         for col, bit in enumerate(bits):
             if bit == "1":
@@ -225,9 +251,18 @@ def phrase(scene: Scene, mention: set[str]) -> str:
     return " ".join(words)
 
 
-def caption(scene: Scene, rng: np.random.Generator, p: float = 0.15) -> str:
-    """A training caption: each fine attribute is mentioned independently with probability ``p``."""
-    return "a photo of " + phrase(scene, {a for a in ATTRIBUTES if rng.random() < p})
+# How often a training caption names each attribute. Like web alt-text, captions often say what is large and
+# salient (colour, how many, filled or not, close or far) and rarely the small details or the exact layout: those
+# are the patterns a contrastively trained encoder stays blind to.
+MENTION = {"colour": 0.8, "count": 0.5, "state": 0.5, "view": 0.5,
+           "direction": 0.1, "mark": 0.1, "relation": 0.1, "structure": 0.1, "text": 0.1}
+
+
+def caption(scene: Scene, rng: np.random.Generator, p: float | dict[str, float] | None = None) -> str:
+    """A training caption: attribute ``a`` is mentioned independently with probability ``p[a]`` (default
+    ``MENTION``; a number applies to every attribute)."""
+    probs = MENTION if p is None else p if isinstance(p, dict) else dict.fromkeys(ATTRIBUTES, p)
+    return "a photo of " + phrase(scene, {a for a in ATTRIBUTES if rng.random() < probs[a]})
 
 
 def vocabulary() -> list[str]:
