@@ -27,7 +27,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
-from .config import ConfigError, RunConfig, to_dict
+from .config import RunConfig, to_dict
+from .errors import ConfigError
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name; the first matching key wins.
 GPU_BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),

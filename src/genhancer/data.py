@@ -37,7 +37,6 @@ Determinism guarantees
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import math
@@ -58,7 +57,9 @@ from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin
                  WebPImagePlugin)
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from genhancer.config import ConfigError, DataConfig
+from genhancer.config import DataConfig
+from genhancer.errors import ConfigError
+from genhancer.seeding import generator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # img2dataset writes one of these per sample
@@ -187,16 +188,6 @@ def _crop_params(width: int, height: int, scale, ratio, g: torch.Generator) -> t
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _seed(*parts) -> int:
-    """A 63-bit seed from a tuple, stable across processes and Python versions (``hash()`` is salted for str)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def _generator(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*parts))
-
-
 # ----------------------------------------------------------------------------------------------- sources
 
 
@@ -236,7 +227,7 @@ class SyntheticImages:
     def load(self, i: int) -> tuple[str, Image.Image]:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        g = _generator("synthetic", self.seed, i)
+        g = generator("synthetic", self.seed, i)
         # Coarse colour field (large smooth blobs) blended with a finer one (texture for the crops to keep).
         coarse, fine = (torch.rand(k, k, 3, generator=g).mul(255).to(torch.uint8).numpy() for k in (4, 16))
         base = Image.fromarray(coarse).resize((self.size, self.size), Image.Resampling.BICUBIC)
@@ -373,7 +364,7 @@ class _MapItems(Dataset):
             _, payload = self.source.load(index)
         except OSError:  # file vanished or permission denied since listing
             return _Skipped("unreadable")
-        out = _crop_sample(payload, self.size, self.scale, _generator(self.seed, epoch, index))
+        out = _crop_sample(payload, self.size, self.scale, generator(self.seed, epoch, index))
         return out if isinstance(out, _Skipped) else (out, index)
 
 
@@ -382,7 +373,7 @@ class _RankBatches:
     as lists of (epoch, global index) tasks for :class:`_MapItems`; built lazily (epochs may hold millions)."""
 
     def __init__(self, n: int, seed: int, epoch: int, rank: int, batch_size: int, global_batch: int, ks: range):
-        self.order = torch.randperm(n, generator=_generator(seed, epoch))
+        self.order = torch.randperm(n, generator=generator(seed, epoch))
         self.epoch, self.ks = epoch, ks
         self.lo, self.batch_size, self.global_batch = rank * batch_size, batch_size, global_batch
 
@@ -405,7 +396,7 @@ class _ShardBatches(IterableDataset):
 
     def _stream(self) -> Iterator[RawSample]:
         n = len(self.source)
-        order = torch.randperm(n, generator=_generator(self.seed, self.epoch)).tolist()
+        order = torch.randperm(n, generator=generator(self.seed, self.epoch)).tolist()
         if n >= self.world:
             for s in order[self.rank::self.world]:
                 yield from self.source.samples(s)
@@ -419,7 +410,7 @@ class _ShardBatches(IterableDataset):
             return _Skipped(raw.skip)
         if raw.image is None:
             return _Skipped("no-image")
-        out = _crop_sample(raw.image, self.size, self.scale, _generator(self.seed, self.epoch, raw.shard, raw.offset))
+        out = _crop_sample(raw.image, self.size, self.scale, generator(self.seed, self.epoch, raw.shard, raw.offset))
         return out if isinstance(out, _Skipped) else (out, (raw.shard << 32) + raw.offset)
 
     def __iter__(self):
@@ -542,7 +533,7 @@ def build_loader(cfg: DataConfig, image_size: int, *, seed: int, rank: int = 0, 
     def data_loader(dataset, e: int, **kw) -> DataLoader:
         # DataLoader draws its workers' base seed from `generator`; without one it would consume the global torch
         # RNG at every epoch start, shifting e.g. dropout masks after a resume. (Crops do not use that seed.)
-        return DataLoader(dataset, generator=_generator("workers", seed, rank, e), **kw, **loader_kw)
+        return DataLoader(dataset, generator=generator("workers", seed, rank, e), **kw, **loader_kw)
 
     if isinstance(source, ShardSource):
         def shard_epoch(e: int, start: int):

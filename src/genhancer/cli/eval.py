@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
 
 
 def add_commands(sub) -> None:

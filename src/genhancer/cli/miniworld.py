@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
 
 
 def add_commands(sub) -> None:

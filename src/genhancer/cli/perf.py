@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 def add_commands(sub) -> None:
@@ -46,7 +46,7 @@ def add_commands(sub) -> None:
 
 def _load(args, overrides: list[str], base: dict | None = None):
     from ..config import load_config
-    from . import recipe_path
+    from ..recipes import recipe_path
 
     return load_config(recipe_path(args.config) if args.config else None, overrides + list(args.overrides), base)
 

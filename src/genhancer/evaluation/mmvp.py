@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
 from genhancer.evaluation.models import EvalModel, read_image
 
 PROMPT = "a photo of "

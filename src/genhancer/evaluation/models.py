@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, SiglipModel
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
 
 FAMILIES = {"clip": CLIPModel, "siglip": SiglipModel}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
 from genhancer.evaluation.models import EvalModel, read_image
 
 KS = (1, 5, 10)

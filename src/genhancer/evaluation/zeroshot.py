@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
 from genhancer.evaluation.models import EvalModel, read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
