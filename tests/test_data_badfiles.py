@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from genhancer.config import ConfigError, DataConfig
-from genhancer.data import (BadSample, ImageFolder, ShardSource, SyntheticImages, build_loader, decode_image,
-                            random_resized_crop)
+from genhancer.data import ImageFolder, ShardSource, SyntheticImages, build_loader
+from genhancer.images import BadSample, decode_image, random_resized_crop
 from genhancer.seeding import generator
 
 

@@ -29,20 +29,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_reconstruct(args) -> None:
-    import torch
-
-    from ..data import ImageFolder, decode_image, random_resized_crop
+    from ..images import folder_crops
     from ..reconstruct import load_enhancer, reconstruct, save_grid
 
     enh = load_enhancer(args.run, args.device)
-    folder = ImageFolder(args.images)
-    crops = []
-    for i in range(min(args.n, len(folder))):
-        _, data = folder.load(i)
-        crops.append(random_resized_crop(decode_image(data), enh.image_size))
-    images = torch.stack(crops)
+    images = folder_crops(args.images, enh.image_size, limit=args.n)
     path = save_grid([images, reconstruct(enh, images, args.seed, args.steps)], args.out)
-    print(f"wrote {path} (input | reconstruction, {len(crops)} rows)")
+    print(f"wrote {path} (input | reconstruction, {len(images)} rows)")
 
 
 def cmd_info(args) -> None:
