@@ -184,6 +184,28 @@ def bench(cfg: RunConfig, *, warmup: int = 3, steps: int = 10, cache: bool = Fal
     return record
 
 
+def bench_recipe(recipe: str | None, overrides: list[str] = (), *, preset: str = "tiny", stage: str | None = None,
+                 batch_size: int | None = None, resolution: int | None = None, real_data: bool = False,
+                 **options) -> dict:
+    """:func:`bench` of a recipe (a path or shipped name; None: the preset alone) over ``preset``'s base, with the
+    command's switches; ``options`` go to :func:`bench`. The record names the preset and architecture."""
+    from .recipes import load_recipe
+
+    with tempfile.TemporaryDirectory(prefix="genhancer-bench-") as work:
+        # in-memory images unless asked: set before validation, which would otherwise want the recipe's data.path
+        flags = ["data.source=synthetic"] * (not real_data) + [f"stage.stage={stage}"] * bool(stage)
+        flags += [f"train.batch_size={batch_size}"] * bool(batch_size)
+        cfg = load_recipe(recipe, flags + list(overrides), preset_base(preset, Path(work)))
+        backbone = cfg.model.backbone
+        if resolution:
+            cfg = at_resolution(cfg, resolution, Path(work))
+        record = bench(cfg, real_data=real_data, **options)
+    record["preset"] = preset
+    if resolution:  # name the architecture, not the temporary folder that held its config
+        record["config"]["backbone"] = f"{backbone} at {resolution}px (random weights)"
+    return record
+
+
 def _bench_config(cfg: RunConfig, tmp: Path, total: int, real_data: bool) -> RunConfig:
     """The run as benchmarked: synthetic in-memory images, exactly one epoch of them, every step logged."""
     cfg = copy.deepcopy(cfg)

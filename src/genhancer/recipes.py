@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from .config import RunConfig, load_config
 from .errors import ConfigError
 
 
@@ -26,3 +27,8 @@ def recipe_path(name: str) -> Path:
     if name in recipe_names():
         return Path(str(resources.files("genhancer").joinpath("recipes", f"{name}.yaml")))
     raise ConfigError(f"recipe '{name}' is neither a file nor a shipped recipe: see `genhancer recipes`")
+
+
+def load_recipe(name: str | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """The run config of a recipe (a shipped name or a YAML path; None: the defaults) with ``overrides``."""
+    return load_config(recipe_path(name) if name else None, overrides, base)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import CheckpointError, ConfigError, TrainingError
-from ..recipes import recipe_names, recipe_path
+from ..recipes import load_recipe, recipe_names
 from . import eval as eval_cli
 from . import miniworld as miniworld_cli
 from . import perf as perf_cli
@@ -14,10 +14,9 @@ from . import vq as vq_cli
 
 
 def cmd_train(args) -> None:
-    from ..config import load_config
     from ..trainer import train
 
-    cfg = load_config(recipe_path(args.config) if args.config else None, args.overrides)
+    cfg = load_recipe(args.config, args.overrides)
     run = train(cfg, resume=args.resume or cfg.train.resume)
     print(f"run folder: {run}")
 
