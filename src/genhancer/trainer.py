@@ -64,12 +64,7 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
     run = check_run_dir(cfg, resume)
     enh, opt = _build(cfg, acc)
     progress = _resume(run, enh, acc, cfg) if resume and run.is_dir() else Progress()
-    loader = build_loader(cfg.data, enh.image_size, seed=t.seed, rank=acc.process_index, world=acc.num_processes,
-                          batch_size=t.batch_size, epoch=progress.position["epoch"],
-                          start_batch=progress.position["batch"], **_cache_source(cfg, enh))
-    if progress.data_stats and acc.num_processes == 1:  # per-rank counts: only one process takes them over exactly
-        loader.stats.seen, loader.stats.skipped = progress.data_stats["seen"], progress.data_stats["skipped"]
-        loader.stats.by_reason = dict(progress.data_stats["by_reason"])
+    loader = _loader(cfg, enh, acc, progress)
     step, total = progress.step, _total_steps(cfg, loader)
     open_run_dir(acc, run, cfg, step)
     model = backend.prepare(enh, opt)
@@ -191,6 +186,18 @@ def _load_init(enh: Enhancer, cfg: RunConfig) -> None:
             raise ConfigError(f"stage.init_from was trained with model.{key}={prev[key]} but this run has "
                               f"{getattr(cfg.model, key)}: use the same model settings in both stages")
     enh.load_saved_weights(weights, head_only=True)
+
+
+def _loader(cfg: RunConfig, enh: Enhancer, acc: Accelerator, progress: Progress):
+    """This process's batches from the data position on, with the skip counts so far."""
+    t, stats = cfg.train, progress.data_stats
+    loader = build_loader(cfg.data, enh.image_size, seed=t.seed, rank=acc.process_index, world=acc.num_processes,
+                          batch_size=t.batch_size, epoch=progress.position["epoch"],
+                          start_batch=progress.position["batch"], **_cache_source(cfg, enh))
+    if stats and acc.num_processes == 1:  # per-rank counts: only a single process can take them over exactly
+        loader.stats.seen, loader.stats.skipped = stats["seen"], stats["skipped"]
+        loader.stats.by_reason = dict(stats["by_reason"])
+    return loader
 
 
 def _resume(run: Path, enh: Enhancer, acc: Accelerator, cfg: RunConfig) -> Progress:

@@ -12,6 +12,8 @@ from .base import Backend
 
 
 class PlainBackend(Backend):
+    """accelerate's own path: ``acc.backward`` of the loss over ``grad_accum``, ``clip_grad_norm_``, the update."""
+
     @contextmanager
     def accumulate(self, last: bool):
         with nullcontext() if last else self.acc.no_sync(self.model), self.acc.autocast():
