@@ -52,10 +52,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from genhancer.config import DataConfig
 from genhancer.errors import ConfigError
-from genhancer.images import IMAGE_EXTENSIONS, BadSample, decode_image, image_files, random_resized_crop
+from genhancer.images import (IMAGE_EXTENSIONS, SHARD_IMAGE_KEYS, BadSample, decode_image, image_files,
+                              random_resized_crop)
 from genhancer.seeding import generator
-
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # img2dataset writes one of these per sample
 
 
 # ----------------------------------------------------------------------------------------------- sources

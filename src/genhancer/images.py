@@ -21,6 +21,7 @@ from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin
 from .errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # webdataset keys of an image (img2dataset writes one)
 # Only these decoders are tried: fewer surprises (e.g. EPS would run Ghostscript) and faster rejection of junk.
 _FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _MAGICS = (b"\xff\xd8", b"\x89PNG", b"RIFF", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")

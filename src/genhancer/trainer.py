@@ -206,7 +206,8 @@ def _resume(run: Path, enh: Enhancer, acc: Accelerator, cfg: RunConfig) -> Progr
     last = ckpt_io.latest_checkpoint(run)
     if last is None:
         if ckpt_io.list_checkpoints(run):
-            acc.print(f"no usable checkpoint under {run / 'checkpoints'} (see the warnings above): starting from step 0")
+            acc.print(f"no usable checkpoint under {run / 'checkpoints'} (see the warnings above): "
+                      "starting from step 0")
         return Progress()
     weights, opt_state, state = ckpt_io.load_checkpoint(last)
     try:
