@@ -123,8 +123,8 @@ def train_step(step: int, model: torch.nn.Module, backend: Backend, enh: Enhance
             backend.backward(loss)
         loss_sum += loss.detach() * b
         n_images += b
-    loss_sum = acc.reduce(loss_sum, "sum")
-    loss_value = (loss_sum / max(1, acc.reduce(torch.tensor(n_images, device=device), "sum"))).item()
+    total_loss = acc.reduce(loss_sum, "sum")
+    loss_value = (total_loss / max(1, acc.reduce(torch.tensor(n_images, device=device), "sum"))).item()
     grad_norm = backend.step(loss_finite=math.isfinite(loss_value))
     dt = time.perf_counter() - t0
     return {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
