@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from genhancer.config import ConfigError, DataConfig
-from genhancer.data import (ImageFolder, ShardSource, SkipStats, SyntheticImages, _crop_params, build_loader,
-                            random_resized_crop)
+from genhancer.data import ImageFolder, ShardSource, SkipStats, SyntheticImages, build_loader
+from genhancer.images import _crop_params, random_resized_crop
 
 SIZE = 16
 

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from genhancer.config import ConfigError, DataConfig
-from genhancer.data import (BadSample, ImageFolder, ShardSource, SyntheticImages, _generator, build_loader, decode_image,
-                            random_resized_crop)
+from genhancer.data import ImageFolder, ShardSource, SyntheticImages, build_loader
+from genhancer.images import BadSample, decode_image, random_resized_crop
+from genhancer.seeding import generator
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -133,7 +134,7 @@ def test_folder_of_bad_files_is_loaded_and_counted(tmp_path):
     batch = next(iter(loader))
     assert batch["pixels"].shape == (len(GOOD), 3, 8, 8)
     names = [ImageFolder(tmp_path).load(i)[0] for i in range(n)]
-    order = torch.randperm(n, generator=_generator(0, 0)).tolist()  # the documented epoch order
+    order = torch.randperm(n, generator=generator(0, 0)).tolist()  # the documented epoch order
     assert [names[i] for i in batch["index"].tolist()] == [names[order[s]] for s in batch["slot"].tolist()]
     assert sorted(names[order[s]] for s in set(range(n)) - set(batch["slot"].tolist())) == sorted(BAD)
     assert collections.Counter(batch["skipped"]) == collections.Counter(r for _, r in BAD.values())

@@ -9,7 +9,7 @@ from torch import nn
 
 from genhancer import vq as V
 from genhancer.config import ConfigError, ModelConfig
-from genhancer.latents import build_latent_space
+from genhancer.latents import VQSpace, build_latent_space
 
 
 # --- a minimal re-implementation of taming-transformers' VQGAN, with its parameter names ------------------------
@@ -139,7 +139,7 @@ def test_convert_vqgan_matches_reference(tmp_path):
     ref, sd = _taming_state_dict()
     torch.save({"state_dict": sd, "global_step": 7}, tmp_path / "last.ckpt")
     V.convert_vqgan(str(tmp_path / "last.ckpt"), str(tmp_path / "vq"))
-    space = V.VQSpace.from_pretrained(str(tmp_path / "vq"))
+    space = VQSpace.from_pretrained(str(tmp_path / "vq"))
     assert (space.codebook_size, space.downsample) == (16, 2)
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     with torch.no_grad():

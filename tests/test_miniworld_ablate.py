@@ -38,8 +38,7 @@ def test_denoiser_study_builds_continuous_and_discrete_configs(tmp_path):
     from diffusers import VQModel
 
     from genhancer.denoisers import build_head
-    from genhancer.latents import PixelSpace
-    from genhancer.vq import VQSpace
+    from genhancer.latents import PixelSpace, VQSpace
 
     variants = STUDIES["denoiser"]
     assert len(variants) == 2

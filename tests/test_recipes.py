@@ -3,7 +3,7 @@
 import pytest
 
 from genhancer.backbones import BACKBONES
-from genhancer.cli import recipe_names, recipe_path
+from genhancer.recipes import recipe_names, recipe_path
 from genhancer.config import load_config
 
 FILL = ["data.path=/data/cc3m/{00000..00001}.tar", "model.latent_path=/models/vae"]

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from genhancer import checkpoint as ckpt_io
 from genhancer import trainer
-from genhancer.checkpoint import CheckpointError, list_checkpoints, save_checkpoint, verify
+from genhancer.checkpoint import list_checkpoints, save_checkpoint, verify
 from genhancer.cli import main
 from genhancer.enhancer import Enhancer
+from genhancer.errors import CheckpointError
 
 
 def cli(args, capsys) -> tuple[int, str, list[str]]:

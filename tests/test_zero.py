@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genhancer import zero
+from genhancer.backends import zero
 from genhancer.config import ConfigError, load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs/accelerate/deepspeed-zero2-8gpu.yaml"

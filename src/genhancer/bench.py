@@ -27,7 +27,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
-from .config import ConfigError, RunConfig, to_dict
+from .config import RunConfig, to_dict
+from .errors import ConfigError
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name; the first matching key wins.
 GPU_BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
@@ -180,6 +181,28 @@ def bench(cfg: RunConfig, *, warmup: int = 3, steps: int = 10, cache: bool = Fal
     }
     peak = peak_tflops * 1e12 if peak_tflops else gpu_bf16_peak() if cuda else None
     record["mfu"] = counts["flops_per_image"] * record["images_per_s"] / peak if peak else None
+    return record
+
+
+def bench_recipe(recipe: str | None, overrides: list[str] = (), *, preset: str = "tiny", stage: str | None = None,
+                 batch_size: int | None = None, resolution: int | None = None, real_data: bool = False,
+                 **options) -> dict:
+    """:func:`bench` of a recipe (a path or shipped name; None: the preset alone) over ``preset``'s base, with the
+    command's switches; ``options`` go to :func:`bench`. The record names the preset and architecture."""
+    from .recipes import load_recipe
+
+    with tempfile.TemporaryDirectory(prefix="genhancer-bench-") as work:
+        # in-memory images unless asked: set before validation, which would otherwise want the recipe's data.path
+        flags = ["data.source=synthetic"] * (not real_data) + [f"stage.stage={stage}"] * bool(stage)
+        flags += [f"train.batch_size={batch_size}"] * bool(batch_size)
+        cfg = load_recipe(recipe, flags + list(overrides), preset_base(preset, Path(work)))
+        backbone = cfg.model.backbone
+        if resolution:
+            cfg = at_resolution(cfg, resolution, Path(work))
+        record = bench(cfg, real_data=real_data, **options)
+    record["preset"] = preset
+    if resolution:  # name the architecture, not the temporary folder that held its config
+        record["config"]["backbone"] = f"{backbone} at {resolution}px (random weights)"
     return record
 
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from .config import RunConfig, from_dict
+from .errors import CheckpointError, ConfigError
+
 PREFIX = "step-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or no usable one was found; the message names the fix."""
 
 
 def rng_state() -> dict:
@@ -219,3 +219,13 @@ def load_checkpoint(ckpt: Path) -> tuple[dict, dict, dict]:
     weights = load_file(str(ckpt / "weights.safetensors"))
     optimizer = _optimizer_state(load_file(str(ckpt / "optimizer.safetensors")), state["param_groups"])
     return weights, optimizer, state
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """The config a run or checkpoint folder was trained with."""
+    p = Path(path)
+    if (p / "state.json").is_file():
+        return from_dict(json.loads((p / "state.json").read_text())["config"])
+    if (p / "config.yaml").is_file():
+        return from_dict(yaml.safe_load((p / "config.yaml").read_text()))
+    raise ConfigError(f"'{p}' is not a run or checkpoint folder (no config.yaml / state.json)")

@@ -17,9 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user's configuration mistake; its message is one line that names the key and the fix."""
+from .errors import ConfigError  # also the name other modules import from here
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Training images: sources, robust decoding and deterministic crops.
+"""Training images: sources and deterministic, resumable batches (decoding and crops: ``images.py``).
 
 Sources
     :class:`ImageFolder` (a directory tree of image files), :class:`SyntheticImages` (smooth random images for
@@ -6,9 +6,9 @@ Sources
     object with ``__len__`` / ``__getitem__(i) -> dict of tensors`` (a precomputed cache; batched by stacking).
 
 Decoding
-    :func:`decode_image` turns any bytes into an RGB ``PIL.Image`` or raises :class:`BadSample` with a short
-    reason; the loader drops bad samples from their batch, lists the reasons in ``batch["skipped"]`` and counts them
-    in :class:`SkipStats` so the trainer can stop when too many files are unreadable (``data.max_skip_fraction``).
+    ``images.decode_image`` turns any bytes into an RGB ``PIL.Image`` or raises ``BadSample`` with a short reason;
+    the loader drops bad samples from their batch, lists the reasons in ``batch["skipped"]`` and counts them in
+    :class:`SkipStats` so the trainer can stop when too many files are unreadable (``data.max_skip_fraction``).
 
 Batches
     ``build_loader(...)`` returns an endless :class:`Loader` of micro-batches ``dict(pixels=(b, 3, S, S) float32 in
@@ -37,164 +37,24 @@ Determinism guarantees
 
 from __future__ import annotations
 
-import hashlib
-import io
 import itertools
-import math
 import signal
 import tarfile
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-# Register the decoders of _FORMATS (Image.open(formats=...) only sees plugins imported so far; JPEG also opens MPO).
-from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin,  # noqa: F401
-                 WebPImagePlugin)
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from genhancer.config import ConfigError, DataConfig
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # img2dataset writes one of these per sample
-# Only these decoders are tried: fewer surprises (e.g. EPS would run Ghostscript) and faster rejection of junk.
-_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-_MAGICS = (b"\xff\xd8", b"\x89PNG", b"RIFF", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-class BadSample(Exception):
-    """A sample that cannot be used; ``reason`` is a short slug such as ``"corrupt"`` or ``"truncated"``."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-# ----------------------------------------------------------------------------------------------- decoding
-
-
-def decode_image(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
-    """Decode image bytes to an RGB image, or raise :class:`BadSample` (and nothing else) for any input.
-
-    Transparency is composited on white, 16-bit greyscale is scaled to 8 bits (65535 -> 255), EXIF orientation is
-    applied. Images with more than ``max_pixels`` pixels are rejected from the header, before decoding (PIL's own
-    hard limit, twice ``Image.MAX_IMAGE_PIXELS``, also applies). Truncated files are rejected, never half-decoded,
-    as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` keeps its default (False); this module never changes it.
-    """
-    if not data:
-        raise BadSample("empty-file")
-    try:
-        # Local warning filter: PIL's DecompressionBombWarning / EXIF warnings must not leak into the run's log.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data), formats=_FORMATS)
-            width, height = img.size
-            if width * height > max_pixels:
-                raise BadSample("too-large")
-            img.load()
-            return _to_rgb(_exif_transpose(img))
-    except BadSample:
-        raise
-    except Image.DecompressionBombError:
-        raise BadSample("too-large") from None
-    except UnidentifiedImageError:
-        # Image magic but unreadable header: a damaged image rather than some other kind of file.
-        raise BadSample("corrupt" if bytes(data[:4]).startswith(_MAGICS) else "not-an-image") from None
-    except EOFError:
-        raise BadSample("truncated") from None
-    except OSError as e:
-        raise BadSample("truncated" if "truncated" in str(e).lower() else "corrupt") from None
-    except Exception:  # any decoder failure (SyntaxError, ValueError, struct.error, MemoryError, ...) on bad bytes
-        raise BadSample("corrupt") from None
-
-
-def _exif_transpose(img: Image.Image) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # a damaged EXIF block should not cost an otherwise fine image: keep it as stored
-        return img
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "I" or img.mode.startswith("I;16"):
-        # 16-bit greyscale (PNG / TIFF): PIL's convert("L") clips instead of scaling, so scale 0..65535 -> 0..255.
-        values = np.asarray(img).astype(np.float64)
-        img = Image.fromarray(np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8))
-    if img.mode in _ALPHA_MODES or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if img.mode == "F":  # floats of unknown range
-        raise BadSample("unsupported-mode")
-    try:
-        return img.convert("RGB")
-    except ValueError:
-        raise BadSample("unsupported-mode") from None
-
-
-# ----------------------------------------------------------------------------------------------- crops
-
-
-def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float] = (0.9, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """A ``(3, size, size)`` float32 crop in [0, 1] resized with bicubic filtering.
-
-    With a generator: torchvision's ``RandomResizedCrop`` parameters (10 tries of area share ~ U(scale) and
-    log-aspect ~ U(log ratio), then a central crop clamped to ``ratio``), all drawn from ``generator``. Without one:
-    the central square of the full image (side = shorter side). Images smaller than ``size`` are upscaled.
-    """
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    width, height = img.size
-    if generator is None:
-        side = min(width, height)
-        top, left, h, w = (height - side) // 2, (width - side) // 2, side, side
-    else:
-        top, left, h, w = _crop_params(width, height, scale, ratio, generator)
-    # Crop, then resize (as torchvision does): pixels outside the crop never bleed into its border.
-    out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-
-
-def _crop_params(width: int, height: int, scale, ratio, g: torch.Generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w) exactly as torchvision's ``RandomResizedCrop.get_params`` draws them."""
-    area = height * width
-    log_lo, log_hi = torch.log(torch.tensor(ratio)).tolist()
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
-        # exp in float32 on a tensor, as torchvision does, so that w and h round identically.
-        aspect = torch.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=g)).item()
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
-            left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def _seed(*parts) -> int:
-    """A 63-bit seed from a tuple, stable across processes and Python versions (``hash()`` is salted for str)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def _generator(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*parts))
+from genhancer.config import DataConfig
+from genhancer.errors import ConfigError
+from genhancer.images import (IMAGE_EXTENSIONS, SHARD_IMAGE_KEYS, BadSample, decode_image, image_files,
+                              random_resized_crop)
+from genhancer.seeding import generator
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -207,8 +67,7 @@ class ImageFolder:
         self.root = Path(root)
         if not self.root.is_dir():
             raise ConfigError(f"image folder '{self.root}' does not exist: set data.path to a directory of images")
-        self.files = sorted((p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                            key=lambda p: p.relative_to(self.root).as_posix())
+        self.files = image_files(self.root)
         if not self.files:
             raise ConfigError(f"no images found under {self.root}: add {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} "
                               f"files or point data.path at the right directory")
@@ -236,7 +95,7 @@ class SyntheticImages:
     def load(self, i: int) -> tuple[str, Image.Image]:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        g = _generator("synthetic", self.seed, i)
+        g = generator("synthetic", self.seed, i)
         # Coarse colour field (large smooth blobs) blended with a finer one (texture for the crops to keep).
         coarse, fine = (torch.rand(k, k, 3, generator=g).mul(255).to(torch.uint8).numpy() for k in (4, 16))
         base = Image.fromarray(coarse).resize((self.size, self.size), Image.Resampling.BICUBIC)
@@ -373,7 +232,7 @@ class _MapItems(Dataset):
             _, payload = self.source.load(index)
         except OSError:  # file vanished or permission denied since listing
             return _Skipped("unreadable")
-        out = _crop_sample(payload, self.size, self.scale, _generator(self.seed, epoch, index))
+        out = _crop_sample(payload, self.size, self.scale, generator(self.seed, epoch, index))
         return out if isinstance(out, _Skipped) else (out, index)
 
 
@@ -382,7 +241,7 @@ class _RankBatches:
     as lists of (epoch, global index) tasks for :class:`_MapItems`; built lazily (epochs may hold millions)."""
 
     def __init__(self, n: int, seed: int, epoch: int, rank: int, batch_size: int, global_batch: int, ks: range):
-        self.order = torch.randperm(n, generator=_generator(seed, epoch))
+        self.order = torch.randperm(n, generator=generator(seed, epoch))
         self.epoch, self.ks = epoch, ks
         self.lo, self.batch_size, self.global_batch = rank * batch_size, batch_size, global_batch
 
@@ -405,7 +264,7 @@ class _ShardBatches(IterableDataset):
 
     def _stream(self) -> Iterator[RawSample]:
         n = len(self.source)
-        order = torch.randperm(n, generator=_generator(self.seed, self.epoch)).tolist()
+        order = torch.randperm(n, generator=generator(self.seed, self.epoch)).tolist()
         if n >= self.world:
             for s in order[self.rank::self.world]:
                 yield from self.source.samples(s)
@@ -419,7 +278,7 @@ class _ShardBatches(IterableDataset):
             return _Skipped(raw.skip)
         if raw.image is None:
             return _Skipped("no-image")
-        out = _crop_sample(raw.image, self.size, self.scale, _generator(self.seed, self.epoch, raw.shard, raw.offset))
+        out = _crop_sample(raw.image, self.size, self.scale, generator(self.seed, self.epoch, raw.shard, raw.offset))
         return out if isinstance(out, _Skipped) else (out, (raw.shard << 32) + raw.offset)
 
     def __iter__(self):
@@ -542,7 +401,7 @@ def build_loader(cfg: DataConfig, image_size: int, *, seed: int, rank: int = 0, 
     def data_loader(dataset, e: int, **kw) -> DataLoader:
         # DataLoader draws its workers' base seed from `generator`; without one it would consume the global torch
         # RNG at every epoch start, shifting e.g. dropout masks after a resume. (Crops do not use that seed.)
-        return DataLoader(dataset, generator=_generator("workers", seed, rank, e), **kw, **loader_kw)
+        return DataLoader(dataset, generator=generator("workers", seed, rank, e), **kw, **loader_kw)
 
     if isinstance(source, ShardSource):
         def shard_epoch(e: int, start: int):

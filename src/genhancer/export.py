@@ -14,10 +14,10 @@ from pathlib import Path
 
 from . import __version__
 from .backbones import build_backbone, resolve_source
-from .checkpoint import load_checkpoint, resolve_checkpoint
-from .config import ConfigError, RunConfig
+from .checkpoint import load_checkpoint, load_run_config, resolve_checkpoint
+from .config import RunConfig
 from .enhancer import adapt_encoder, load_backbone_weights, merge_encoder
-from .trainer import load_run_config
+from .errors import ConfigError
 
 SIDE_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "spiece.model", "added_tokens.json")

@@ -1,7 +1,8 @@
 """Latent spaces: frozen encoders that turn an image into the target a head reconstructs, and back.
 
-Images enter in [-1, 1] (``(x - 0.5) / 0.5`` of the crop). Continuous spaces return float latents
-``(B, C, h, w)``; discrete ones return code indices ``(B, h, w)``.
+Images enter in [-1, 1] (``(x - 0.5) / 0.5`` of the crop). Continuous spaces (pixels, a diffusers
+``AutoencoderKL``) return float latents ``(B, C, h, w)``; the discrete one (a diffusers ``VQModel``, trained or
+converted by ``vq.py``) returns code indices ``(B, h, w)``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
+from .errors import ConfigError
 
 
 class LatentSpace(nn.Module):
@@ -119,17 +121,64 @@ def _load_diffusers(cls, path: str, key: str) -> nn.Module:
                           f"point {key} at a local {cls.__name__} folder") from None
 
 
-def _vq(cfg: ModelConfig) -> LatentSpace:
-    from .vq import load_vq_space
+class VQSpace(LatentSpace):
+    """A frozen diffusers ``VQModel``; the target is the grid of nearest-codebook indices."""
 
-    return load_vq_space(cfg)
+    kind = "discrete"
+
+    def __init__(self, vq):
+        super().__init__()
+        self.vq = vq.eval().requires_grad_(False)
+        cfg = vq.config
+        self.codebook_size = int(cfg.num_vq_embeddings)
+        self.embed_dim = int(cfg.vq_embed_dim or cfg.latent_channels)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "VQSpace":
+        from diffusers import VQModel
+
+        return cls(_load_diffusers(VQModel, path, "model.latent_path"))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) in [-1, 1] -> (B, H / f, W / f) long code indices."""
+        z = self.vq.encode(x.to(self.vq.dtype)).latents.float()  # (B, C, h, w) before quantization
+        B, C, h, w = z.shape
+        codebook = self.vq.quantize.embedding.weight.float()  # (K, C)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, C)
+        return torch.cdist(flat, codebook).argmin(dim=1).view(B, h, w)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: (B, h, w) long -> (B, 3, h * f, w * f) in [-1, 1]."""
+        B, h, w = codes.shape
+        z = self.vq.quantize.get_codebook_entry(codes.reshape(-1), (B, h, w, self.embed_dim))
+        return self.vq.decode(z.to(self.vq.dtype), force_not_quantize=True).sample.float().clamp(-1, 1)
+
+    def target_shape(self, image_size: int) -> tuple[int, ...]:
+        self.check_image_size(image_size)
+        s = image_size // self.downsample
+        return (s, s)
+
+
+def load_vq_space(cfg: ModelConfig) -> VQSpace:
+    """``model.latent=vq``: the VQ model in ``model.latent_path``; a random tiny one for ``model.random_init``."""
+    from diffusers import VQModel
+
+    if cfg.latent_path:
+        return VQSpace.from_pretrained(cfg.latent_path)
+    if cfg.random_init:
+        return VQSpace(VQModel.from_config(shipped_config("vq", "tiny")))
+    raise ConfigError("model.latent=vq needs a VQ model: set model.latent_path=DIR (a folder written by "
+                      "`genhancer train-vq` or `genhancer convert-vqgan`)")
 
 
 LATENT_SPACES: dict[str, Callable[[ModelConfig], LatentSpace]] = {
     "pixel": lambda cfg: PixelSpace(cfg.latent_downsample),
     "flux-vae": lambda cfg: _autoencoder(cfg, "flux-vae"),
     "autoencoder": lambda cfg: _autoencoder(cfg, None),
-    "vq": lambda cfg: _vq(cfg),
+    "vq": load_vq_space,
 }
 
 

@@ -1,48 +1,41 @@
 """One trainer for every backbone, denoiser and stage, on Hugging Face accelerate.
 
+``train`` reads as setup -> resume -> ``for step: train_step; log; maybe save``. How gradients are accumulated,
+clipped and applied, and how the optimizer state is saved, is the backend's (``backends/``: plain / DDP, or
+DeepSpeed ZeRO); the run folder and what it reports are ``runs.py``'s; checkpoints are ``checkpoint.py``'s.
+
 Reproducibility is by construction: every random number of a step (noise, timesteps, masks, which local tokens
 join, LoRA dropout) comes from generators seeded by (seed, step, micro-step), and the data order and crops from
-(seed, epoch, sample index). A checkpoint therefore only needs weights, optimizer, step and data position to
-continue bit for bit, and a run with N processes sees the same global batches as one process.
+(seed, epoch, sample index) (``seeding.py``). A checkpoint therefore only needs weights, optimizer, step and data
+position to continue bit for bit, and a run with N processes sees the same global batches as one process.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import signal
 import time
 import warnings
-from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_io
-from . import zero
-from .config import ConfigError, RunConfig, from_dict, to_dict
+from .backends import Backend, build_backend, make_accelerator
+from .checkpoint import load_run_config  # noqa: F401 - reconstruct.py still imports it from here
+from .config import RunConfig, to_dict
 from .data import build_loader
 from .enhancer import Enhancer, apply_stage, build_enhancer
-
-
-class TrainingError(RuntimeError):
-    """A run that had to stop (divergence, too many bad samples); the message names the step and the fix."""
-
-
-def _seed(*parts: int) -> int:
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
-    return h
+from .errors import ConfigError, TrainingError
+from .runs import RunLog, StopFlag, check_run_dir, open_run_dir, write_data_report
+from .seeding import derive_seed, generator
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """The generator of micro-step ``micro`` of optimizer step ``step``: identical on every process."""
-    return torch.Generator().manual_seed(_seed(seed, step, micro))
+    return generator("draws", seed, step, micro)
 
 
 def lr_at(step: int, base_lr: float, warmup: int) -> float:
@@ -50,41 +43,130 @@ def lr_at(step: int, base_lr: float, warmup: int) -> float:
     return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
 
 
-class _StopFlag:
-    """Turns SIGTERM / SIGINT into a request to checkpoint and exit after the current step."""
+@dataclass
+class Progress:
+    """What a checkpoint restores besides the weights: step, data position, counters, the optimizer state."""
 
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with the caller
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    step: int = 0
+    position: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0})
+    counters: dict = field(default_factory=lambda: {"nonfinite": 0, "skipped_steps": 0})
+    data_stats: dict | None = None
+    optimizer: dict | None = None
+    checkpoint: Path | None = None
 
 
-def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
-    """The run folder; refuse to overwrite a run by accident (created later, once everything is checked)."""
-    run = Path(cfg.train.output_dir)
-    if run.exists() and not run.is_dir():
-        raise ConfigError(f"train.output_dir '{run}' is a file: choose a folder")
-    parent = next((p for p in run.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"train.output_dir '{run}' is inside '{parent}', which is a file: choose a folder")
-    if ckpt_io.list_checkpoints(run) and not resume:
-        raise ConfigError(f"'{run}' already holds checkpoints of a run: pass --resume to continue it, "
-                          "or choose another train.output_dir")
+def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator | None = None) -> Path:
+    """Run one stage as ``cfg`` says; returns the run folder (config.yaml, metrics.jsonl, checkpoints/)."""
+    resume = cfg.train.resume if resume is None else resume
+    t = cfg.train
+    acc = accelerator or make_accelerator(cfg)
+    backend = build_backend(acc, cfg)
+    run = check_run_dir(cfg, resume)
+    enh, opt = _build(cfg, acc)
+    progress = _resume(run, enh, acc, cfg) if resume and run.is_dir() else Progress()
+    loader = _loader(cfg, enh, acc, progress)
+    step, total = progress.step, _total_steps(cfg, loader)
+    open_run_dir(acc, run, cfg, step)
+    model = backend.prepare(enh, opt)
+    if progress.optimizer is not None:
+        try:
+            backend.load_optimizer_state(progress.optimizer)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise _misfit(progress.checkpoint, e) from None
+    log = RunLog(acc, run, cfg, step, total)
+    batches = iter(loader)
+    last_ckpt = ckpt_io.latest_checkpoint(run, quiet=True)
+    try:
+        with StopFlag() as stop:
+            while step < total:
+                record = train_step(step, model, backend, enh, batches, cfg)
+                step += 1
+                _count_skipped(record, progress.counters, log, t.max_consecutive_nonfinite, last_ckpt)
+                loader.stats.check(cfg.data.max_skip_fraction)
+                log.log(record)
+                stopping = _anyone(acc, stop.signal is not None)  # all must agree, or the save's collectives hang
+                if step % t.save_every == 0 or step == total or stopping:
+                    last_ckpt = _save(backend, run, step, enh, loader, progress.counters, cfg)
+                if stopping:
+                    by = f"signal {stop.signal}" if stop.signal is not None else "a signal to another process"
+                    log.say(f"stopped by {by} after step {step}; checkpoint: {last_ckpt}; continue with --resume")
+                    break
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(f"train.batch_size={t.batch_size} does not fit in device memory: lower it (with a "
+                            "higher train.grad_accum), or find the largest that fits with `genhancer bench`") from None
+    finally:
+        log.close()
+        acc.end_training()
+    write_data_report(acc, run, loader.stats, progress.counters["skipped_steps"])
     return run
+
+
+def train_step(step: int, model: torch.nn.Module, backend: Backend, enh: Enhancer, batches, cfg: RunConfig) -> dict:
+    """One optimizer step (0-based ``step``) over ``train.grad_accum`` micro-batches; returns its metrics record."""
+    t, acc = cfg.train, backend.acc
+    world, rank, device = acc.num_processes, acc.process_index, acc.device
+    t0 = time.perf_counter()
+    lr = lr_at(step, cfg.lr, cfg.optim.warmup_steps)
+    backend.set_lr(lr)
+    loss_sum, n_images = torch.zeros((), device=device), 0
+    for micro in range(t.grad_accum):
+        batch = next(batches)
+        draws = enh.draw(t.batch_size * world, step_generator(t.seed, step, micro))
+        torch.manual_seed(derive_seed("dropout", t.seed, step, micro, rank))
+        b = len(batch["index"])
+        # each kept sample takes the draws of its slot in the global micro-batch
+        mine = {k: v[rank * t.batch_size + batch["slot"]].to(device) for k, v in draws.items()}
+        data = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        # an empty micro-batch (every sample unreadable) still runs, so that all processes join the same all-reduce
+        with backend.accumulate(last=micro == t.grad_accum - 1):
+            loss = model(data, mine).sum() / max(b, 1)
+            backend.backward(loss)
+        loss_sum += loss.detach() * b
+        n_images += b
+    total_loss = acc.reduce(loss_sum, "sum")
+    loss_value = (total_loss / max(1, acc.reduce(torch.tensor(n_images, device=device), "sum"))).item()
+    grad_norm = backend.step(loss_finite=math.isfinite(loss_value))
+    dt = time.perf_counter() - t0
+    return {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            "images_per_s": n_images * world / dt, "s_per_step": dt}
+
+
+def _count_skipped(record: dict, counters: dict, log: RunLog, max_in_a_row: int, last_ckpt: Path | None) -> None:
+    """Count a step the backend skipped (non-finite loss or gradient); too many in a row stop the run."""
+    if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+        counters["nonfinite"] = 0
+        return
+    counters["nonfinite"] += 1
+    counters["skipped_steps"] += 1
+    step = record["step"]
+    log.say(f"step {step}: non-finite {'gradient' if math.isfinite(record['loss']) else 'loss'}, update skipped")
+    if counters["nonfinite"] > max_in_a_row:
+        raise TrainingError(f"{counters['nonfinite']} non-finite steps in a row up to step {step}: the run diverged; "
+                            f"last good checkpoint: {last_ckpt or 'none'}. Lower optim.lr or use train.precision=fp32")
+
+
+def _anyone(acc: Accelerator, flag: bool) -> bool:
+    """Whether ``flag`` is set on any process."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "sum").item())
+
+
+def _build(cfg: RunConfig, acc: Accelerator) -> tuple[Enhancer, torch.optim.Optimizer]:
+    """The run's model, as the stage wants it, and AdamW over its trainable parameters."""
+    torch.manual_seed(cfg.train.seed)  # the head's initialisation: identical on every process and every rerun
+    enh = build_enhancer(cfg)
+    _load_init(enh, cfg)
+    apply_stage(enh, cfg.stage, cfg.train.grad_checkpointing)
+    if cfg.train.compile:  # in place, so that checkpoints keep the uncompiled parameter names
+        enh.head.denoiser.compile()
+    trainable = [p for p in enh.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("nothing to train: stage 2 with a frozen head needs the encoder tuned (stage.finetune)")
+    o = cfg.optim
+    fused = o.fused if o.fused is not None else acc.device.type == "cuda"
+    return enh, torch.optim.AdamW(trainable, lr=cfg.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps,
+                                  fused=fused or None)
 
 
 def _load_init(enh: Enhancer, cfg: RunConfig) -> None:
@@ -106,180 +188,38 @@ def _load_init(enh: Enhancer, cfg: RunConfig) -> None:
     enh.load_saved_weights(weights, head_only=True)
 
 
-def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator | None = None) -> Path:
-    """Run one stage as ``cfg`` says; returns the run folder (config.yaml, metrics.jsonl, checkpoints/)."""
-    resume = cfg.train.resume if resume is None else resume
-    t = cfg.train
-    acc = accelerator or _accelerator(cfg)
-    if acc.distributed_type.name == "FSDP":
-        raise ConfigError("accelerate's FSDP is not supported by the trainer: shard with DeepSpeed ZeRO-2 "
-                          "(configs/accelerate/deepspeed-zero2-8gpu.yaml) or launch with DDP (ddp-8gpu.yaml)")
-    sharded = acc.distributed_type.name == "DEEPSPEED"
-    if sharded:
-        acc.print(zero.configure(acc, cfg))
-    world, rank = acc.num_processes, acc.process_index
-    run = check_run_dir(cfg, resume)
-    torch.manual_seed(t.seed)  # the head's initialisation: identical on every process and every rerun
-    enh = build_enhancer(cfg)
-    _load_init(enh, cfg)
-    apply_stage(enh, cfg.stage, t.grad_checkpointing)
-    if t.compile:  # in place, so that checkpoints keep the uncompiled parameter names
-        enh.head.denoiser.compile()
-    trainable = [p for p in enh.parameters() if p.requires_grad]
-    if not trainable:
-        raise ConfigError("nothing to train: stage 2 with a frozen head needs the encoder tuned (stage.finetune)")
-    fused = cfg.optim.fused if cfg.optim.fused is not None else acc.device.type == "cuda"
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
-                            eps=cfg.optim.eps, fused=fused or None)
+def _loader(cfg: RunConfig, enh: Enhancer, acc: Accelerator, progress: Progress):
+    """This process's batches from the data position on, with the skip counts so far."""
+    t, stats = cfg.train, progress.data_stats
+    loader = build_loader(cfg.data, enh.image_size, seed=t.seed, rank=acc.process_index, world=acc.num_processes,
+                          batch_size=t.batch_size, epoch=progress.position["epoch"],
+                          start_batch=progress.position["batch"], **_cache_source(cfg, enh))
+    if stats and acc.num_processes == 1:  # per-rank counts: only a single process can take them over exactly
+        loader.stats.seen, loader.stats.skipped = stats["seen"], stats["skipped"]
+        loader.stats.by_reason = dict(stats["by_reason"])
+    return loader
 
-    step, position, counters = 0, {"epoch": 0, "batch": 0}, {"nonfinite": 0, "skipped_steps": 0}
-    data_stats, opt_state = None, None
-    if resume and run.is_dir():
-        last = ckpt_io.latest_checkpoint(run)
-        if last is not None:
-            weights, opt_state, state = ckpt_io.load_checkpoint(last)
-            try:
-                enh.load_saved_weights(weights)
-                if not sharded:  # ZeRO's partitions exist only after prepare
-                    opt.load_state_dict(opt_state)
-            except (ConfigError, RuntimeError, ValueError, KeyError) as e:  # other shapes / trainable parameters
-                raise _misfit(last, e) from None
-            per_process = state.get("rng_per_process") or []
-            ckpt_io.set_rng_state(per_process[rank] if len(per_process) == world else state["rng"])
-            step, position, counters = state["step"], state["data_position"], state["counters"]
-            data_stats = state.get("data_stats")
-            _warn_if_not_exact(last, state, t, world)
-            acc.print(f"resumed from {last} at step {step}")
-        elif ckpt_io.list_checkpoints(run):
-            acc.print(f"no usable checkpoint under {run / 'checkpoints'} (see the warnings above): starting from step 0")
-    loader = build_loader(cfg.data, enh.image_size, seed=t.seed, rank=rank, world=world,
-                          batch_size=t.batch_size, epoch=position["epoch"], start_batch=position["batch"],
-                          **_cache_source(cfg, enh))
-    if data_stats and world == 1:  # per-rank counts: only a single process can take them over exactly
-        loader.stats.seen, loader.stats.skipped = data_stats["seen"], data_stats["skipped"]
-        loader.stats.by_reason = dict(data_stats["by_reason"])
-    total = _total_steps(cfg, loader, world)
-    if acc.is_main_process:  # everything is checked: only now does the run leave traces on disk
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        _truncate_metrics(run / "metrics.jsonl", step)
-    acc.wait_for_everyone()
 
-    enh.to(acc.device)
-    with zero.scalars_as_vectors(enh) if sharded else nullcontext():
-        model, opt = acc.prepare(enh, opt)
-    if sharded and opt_state is not None:
-        try:
-            zero.load_optimizer_state(opt, trainable, opt_state)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise _misfit(last, e) from None
-    if acc.log_with:
-        acc.init_trackers("genhancer", config=_flat(to_dict(cfg)))
-
-    metrics = open(run / "metrics.jsonl", "a") if acc.is_main_process else None
-    bar = tqdm(total=total, initial=step, disable=not acc.is_main_process, desc=cfg.stage.stage, dynamic_ncols=True)
-    batches = iter(loader)
-    last_ckpt = ckpt_io.latest_checkpoint(run, quiet=True)
-    global_micro = t.batch_size * world
+def _resume(run: Path, enh: Enhancer, acc: Accelerator, cfg: RunConfig) -> Progress:
+    """Weights, RNG states and progress of the run's newest good checkpoint (its optimizer state is loaded once
+    the backend is prepared: ZeRO's partitions exist only then)."""
+    last = ckpt_io.latest_checkpoint(run)
+    if last is None:
+        if ckpt_io.list_checkpoints(run):
+            acc.print(f"no usable checkpoint under {run / 'checkpoints'} (see the warnings above): "
+                      "starting from step 0")
+        return Progress()
+    weights, opt_state, state = ckpt_io.load_checkpoint(last)
     try:
-        with _StopFlag() as stop:
-            while step < total:
-                t0 = time.perf_counter()
-                lr = lr_at(step, cfg.lr, cfg.optim.warmup_steps)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                loss_sum, n_images = torch.zeros((), device=acc.device), 0
-                for micro in range(t.grad_accum):
-                    last_micro = micro == t.grad_accum - 1
-                    batch = next(batches)
-                    gen = step_generator(t.seed, step, micro)
-                    draws = enh.draw(global_micro, gen)
-                    torch.manual_seed(_seed(t.seed, step, micro, rank))  # dropout
-                    b = len(batch["index"])
-                    # each kept sample takes the draws of its slot in the global micro-batch
-                    mine = {k: v[rank * t.batch_size + batch["slot"]].to(acc.device) for k, v in draws.items()}
-                    data = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-                    # an empty micro-batch (every sample unreadable) still runs, so that all
-                    # processes join the same gradient all-reduce
-                    if sharded:  # the engine autocasts, divides by grad_accum and reduces into shards
-                        loss = model(data, mine).sum() / max(b, 1)
-                        model.set_gradient_accumulation_boundary(last_micro)
-                        model.backward(loss)
-                    else:
-                        with nullcontext() if last_micro else acc.no_sync(model), acc.autocast():
-                            loss = model(data, mine).sum() / max(b, 1)
-                            acc.backward(loss / t.grad_accum)
-                    loss_sum += loss.detach() * b
-                    n_images += b
-                loss_value = (acc.reduce(loss_sum, "sum") / max(1, acc.reduce(torch.tensor(n_images, device=acc.device), "sum"))).item()
-                if sharded:  # clips, then steps, or skips a step whose gradient norm is not finite
-                    model.step()
-                    grad_norm = model.get_global_grad_norm()
-                    grad_norm = math.inf if grad_norm is None or opt.step_was_skipped else float(grad_norm)
-                else:  # max_norm=inf measures the norm without clipping (optim.grad_clip=0)
-                    grad_norm = acc.clip_grad_norm_(trainable, cfg.optim.grad_clip or math.inf)
-                if math.isfinite(loss_value) and math.isfinite(float(grad_norm)):
-                    if not sharded:
-                        opt.step()
-                    counters["nonfinite"] = 0
-                else:
-                    counters["nonfinite"] += 1
-                    counters["skipped_steps"] += 1
-                    if acc.scaler is not None:  # fp16: lower the loss scale, re-arm unscale_ for the next step
-                        acc.scaler.update()
-                    if acc.is_main_process:  # tqdm.write: a line of its own, not glued to the progress bar
-                        tqdm.write(f"step {step + 1}: non-finite "
-                                   f"{'loss' if not math.isfinite(loss_value) else 'gradient'}, update skipped")
-                    if counters["nonfinite"] > t.max_consecutive_nonfinite:
-                        raise TrainingError(
-                            f"{counters['nonfinite']} non-finite steps in a row up to step {step + 1}: the run diverged; "
-                            f"last good checkpoint: {last_ckpt or 'none'}. Lower optim.lr or use train.precision=fp32")
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                loader.stats.check(cfg.data.max_skip_fraction)
-                dt = time.perf_counter() - t0
-                record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                          "images_per_s": n_images * world / dt, "s_per_step": dt}
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                if step % t.log_every == 0 or step == total:
-                    if metrics:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                    acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                stopping = stop.signal is not None
-                if world > 1:  # all processes must agree, or the checkpoint's collectives would hang
-                    stopping = bool(acc.reduce(torch.tensor(float(stopping), device=acc.device), "sum").item())
-                if step % t.save_every == 0 or step == total or stopping:
-                    last_ckpt = _save(acc, run, step, enh, opt, trainable if sharded else None, loader, counters, cfg)
-                if stopping:
-                    if acc.is_main_process:
-                        by = f"signal {stop.signal}" if stop.signal is not None else "a signal to another process"
-                        tqdm.write(f"stopped by {by} after step {step}; checkpoint: {last_ckpt}; continue with --resume")
-                    break
-    except torch.cuda.OutOfMemoryError:
-        raise TrainingError(f"train.batch_size={t.batch_size} does not fit in device memory: lower it (with a "
-                            "higher train.grad_accum), or find the largest that fits with `genhancer bench`") from None
-    finally:
-        bar.close()
-        if metrics:
-            metrics.close()
-        acc.end_training()
-    if acc.is_main_process:
-        acc.print(f"{loader.stats.summary()}; non-finite steps skipped: {counters['skipped_steps']}")
-        (run / "data_report.json").write_text(json.dumps(
-            {"seen": loader.stats.seen, "skipped": loader.stats.skipped, "by_reason": loader.stats.by_reason,
-             "nonfinite_steps": counters["skipped_steps"]}, indent=1))
-    return run
-
-
-def _accelerator(cfg: RunConfig) -> Accelerator:
-    t = cfg.train
-    kwargs = {"mixed_precision": "no" if t.precision == "fp32" else t.precision}
-    if zero.requested():
-        kwargs = zero.accelerator_kwargs(cfg)
-    return Accelerator(log_with=[x for x in t.trackers if _tracker_available(x)] or None, project_dir=t.output_dir,
-                       **kwargs)
+        enh.load_saved_weights(weights)
+    except (ConfigError, RuntimeError, ValueError, KeyError) as e:  # other shapes / trainable parameters
+        raise _misfit(last, e) from None
+    per_process = state.get("rng_per_process") or []
+    world = acc.num_processes
+    ckpt_io.set_rng_state(per_process[acc.process_index] if len(per_process) == world else state["rng"])
+    _warn_if_not_exact(last, state, cfg.train, world)
+    acc.print(f"resumed from {last} at step {state['step']}")
+    return Progress(state["step"], state["data_position"], state["counters"], state.get("data_stats"), opt_state, last)
 
 
 def _misfit(ckpt: Path, error: Exception) -> ConfigError:
@@ -298,35 +238,16 @@ def _warn_if_not_exact(ckpt: Path, state: dict, t, world: int) -> None:
         changed.append(f"processes {state['world_size']} -> {world}")
     if changed:
         warnings.warn(f"resuming {ckpt} with {', '.join(changed)}: the run continues, but its data order and random "
-                      "draws differ from those of an uninterrupted run", stacklevel=3)
+                      "draws differ from those of an uninterrupted run", stacklevel=4)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records a killed run logged after the checkpoint it resumes from (they are recomputed)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError, TypeError):  # a line torn by the kill
-            pass
-    if len(keep) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        tmp.replace(path)
-
-
-def _save(acc, run, step, enh, opt, sharded_params, loader, counters, cfg) -> Path | None:
-    """Rank 0 writes the checkpoint; ``sharded_params``: the trainable parameters when ZeRO shards their state."""
+def _save(backend: Backend, run: Path, step: int, enh: Enhancer, loader, counters: dict,
+          cfg: RunConfig) -> Path | None:
+    """Every process joins (the optimizer state and RNG states are gathered); the main process writes."""
+    acc = backend.acc
     acc.wait_for_everyone()
     path = None
-    if sharded_params:  # collective
-        opt_state = zero.gather_optimizer_state(opt, sharded_params, keep=acc.is_main_process)
-    else:
-        opt_state = opt.state_dict() if acc.is_main_process else None
+    opt_state = backend.optimizer_state()
     rngs = gather_object([ckpt_io.rng_state()]) if acc.num_processes > 1 else [ckpt_io.rng_state()]
     if acc.is_main_process:
         stats = loader.stats
@@ -338,7 +259,7 @@ def _save(acc, run, step, enh, opt, sharded_params, loader, counters, cfg) -> Pa
     return path
 
 
-def _total_steps(cfg: RunConfig, loader, world: int) -> int:
+def _total_steps(cfg: RunConfig, loader) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
     if loader.epoch_size is None:
@@ -357,30 +278,3 @@ def _cache_source(cfg: RunConfig, enh: Enhancer) -> dict:
     from .cache import open_cache
 
     return {"source": open_cache(cfg, enh)}
-
-
-def _tracker_available(name: str) -> bool:
-    import importlib.util
-
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name, name)
-    return importlib.util.find_spec(module) is not None
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
-def load_run_config(path: str | Path) -> RunConfig:
-    """The config a run or checkpoint folder was trained with."""
-    p = Path(path)
-    if (p / "state.json").is_file():
-        return from_dict(json.loads((p / "state.json").read_text())["config"])
-    if (p / "config.yaml").is_file():
-        return from_dict(yaml.safe_load((p / "config.yaml").read_text()))
-    raise ConfigError(f"'{p}' is not a run or checkpoint folder (no config.yaml / state.json)")

@@ -1,7 +1,7 @@
-"""Discrete latent space: a frozen VQ-GAN (diffusers ``VQModel``) turning images into grids of codebook indices.
+"""VQ tokenizers: the VQ-GANs (diffusers ``VQModel``) behind the discrete latent space, trained or converted.
 
-* :class:`VQSpace` is the ``LatentSpace`` of the discrete denoiser: ``encode`` -> ``(B, h, w)`` long indices,
-  ``decode`` -> images in [-1, 1].
+* :class:`~genhancer.latents.VQSpace` (in ``latents.py``) is the ``LatentSpace`` of the discrete denoiser over
+  such a model.
 * :func:`train_vq` trains the tiny VQ model (``configs/vq/tiny.json``) on the project's own images, so discrete runs
   and tests work offline (``genhancer train-vq``).
 * :func:`convert_vqgan` turns a taming-transformers VQGAN checkpoint (the f16 ImageNet models with 1024 or 16384
@@ -16,61 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, ModelConfig
-from .latents import LatentSpace, _load_diffusers, shipped_config
-
-
-class VQSpace(LatentSpace):
-    """A frozen diffusers ``VQModel``; the target is the grid of nearest-codebook indices."""
-
-    kind = "discrete"
-
-    def __init__(self, vq):
-        super().__init__()
-        self.vq = vq.eval().requires_grad_(False)
-        cfg = vq.config
-        self.codebook_size = int(cfg.num_vq_embeddings)
-        self.embed_dim = int(cfg.vq_embed_dim or cfg.latent_channels)
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
-
-    @classmethod
-    def from_pretrained(cls, path: str) -> "VQSpace":
-        from diffusers import VQModel
-
-        return cls(_load_diffusers(VQModel, path, "model.latent_path"))
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) in [-1, 1] -> (B, H / f, W / f) long code indices."""
-        z = self.vq.encode(x.to(self.vq.dtype)).latents.float()  # (B, C, h, w) before quantization
-        B, C, h, w = z.shape
-        codebook = self.vq.quantize.embedding.weight.float()  # (K, C)
-        flat = z.permute(0, 2, 3, 1).reshape(-1, C)
-        return torch.cdist(flat, codebook).argmin(dim=1).view(B, h, w)
-
-    @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: (B, h, w) long -> (B, 3, h * f, w * f) in [-1, 1]."""
-        B, h, w = codes.shape
-        z = self.vq.quantize.get_codebook_entry(codes.reshape(-1), (B, h, w, self.embed_dim))
-        return self.vq.decode(z.to(self.vq.dtype), force_not_quantize=True).sample.float().clamp(-1, 1)
-
-    def target_shape(self, image_size: int) -> tuple[int, ...]:
-        self.check_image_size(image_size)
-        s = image_size // self.downsample
-        return (s, s)
-
-
-def load_vq_space(cfg: ModelConfig) -> VQSpace:
-    """``model.latent=vq``: the VQ model in ``model.latent_path``; a random tiny one for ``model.random_init``."""
-    from diffusers import VQModel
-
-    if cfg.latent_path:
-        return VQSpace.from_pretrained(cfg.latent_path)
-    if cfg.random_init:
-        return VQSpace(VQModel.from_config(shipped_config("vq", "tiny")))
-    raise ConfigError("model.latent=vq needs a VQ model: set model.latent_path=DIR (a folder written by "
-                      "`genhancer train-vq` or `genhancer convert-vqgan`)")
+from .errors import ConfigError
+from .images import folder_crops
+from .latents import VQSpace, shipped_config
 
 
 def vq_config(name_or_path: str) -> dict:
@@ -107,25 +55,8 @@ def synthetic_images(n: int, size: int, generator: torch.Generator) -> torch.Ten
 
 
 def folder_images(path: str, size: int) -> torch.Tensor:
-    """(N, 3, size, size) in [-1, 1]: every image file under ``path``, center-cropped and resized."""
-    from PIL import Image, UnidentifiedImageError
-
-    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp", ".bmp"})
-    if not files:
-        raise ConfigError(f"no images (.jpg/.png/.webp/.bmp) found under '{path}': point --images at an image folder")
-    out = []
-    for f in files:
-        try:
-            im = Image.open(f).convert("RGB")
-        except (OSError, UnidentifiedImageError):
-            continue  # unreadable files are skipped, as in the training data pipeline
-        s = min(im.size)
-        left, top = (im.width - s) // 2, (im.height - s) // 2
-        im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-        out.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3))
-    if not out:
-        raise ConfigError(f"none of the {len(files)} image files under '{path}' could be decoded")
-    return torch.stack(out).permute(0, 3, 1, 2).float() / 127.5 - 1
+    """(N, 3, size, size) in [-1, 1]: every readable image file under ``path``, center-cropped and resized."""
+    return folder_crops(path, size) * 2 - 1
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,41 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
-from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingError
+from ..recipes import load_recipe, recipe_names
 from . import eval as eval_cli
 from . import miniworld as miniworld_cli
 from . import perf as perf_cli
 from . import vq as vq_cli
 
 
-def recipe_names() -> list[str]:
-    root = resources.files("genhancer").joinpath("recipes")
-    names = []
-    for entry in root.iterdir():
-        if entry.is_dir():
-            names += [f"{entry.name}/{e.name[:-5]}" for e in entry.iterdir() if e.name.endswith(".yaml")]
-        elif entry.name.endswith(".yaml"):
-            names.append(entry.name[:-5])
-    return sorted(names)
-
-
-def recipe_path(name: str) -> Path:
-    """A shipped recipe by name, or a YAML path."""
-    if Path(name).is_file():
-        return Path(name)
-    if name in recipe_names():
-        return Path(str(resources.files("genhancer").joinpath("recipes", f"{name}.yaml")))
-    raise ConfigError(f"recipe '{name}' is neither a file nor a shipped recipe: see `genhancer recipes`")
-
-
 def cmd_train(args) -> None:
-    from ..config import load_config
     from ..trainer import train
 
-    cfg = load_config(recipe_path(args.config) if args.config else None, args.overrides)
+    cfg = load_recipe(args.config, args.overrides)
     run = train(cfg, resume=args.resume or cfg.train.resume)
     print(f"run folder: {run}")
 
@@ -50,20 +28,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_reconstruct(args) -> None:
-    import torch
-
-    from ..data import ImageFolder, decode_image, random_resized_crop
+    from ..images import folder_crops
     from ..reconstruct import load_enhancer, reconstruct, save_grid
 
     enh = load_enhancer(args.run, args.device)
-    folder = ImageFolder(args.images)
-    crops = []
-    for i in range(min(args.n, len(folder))):
-        _, data = folder.load(i)
-        crops.append(random_resized_crop(decode_image(data), enh.image_size))
-    images = torch.stack(crops)
+    images = folder_crops(args.images, enh.image_size, limit=args.n)
     path = save_grid([images, reconstruct(enh, images, args.seed, args.steps)], args.out)
-    print(f"wrote {path} (input | reconstruction, {len(crops)} rows)")
+    print(f"wrote {path} (input | reconstruction, {len(images)} rows)")
 
 
 def cmd_info(args) -> None:
@@ -124,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..checkpoint import CheckpointError
-
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -138,13 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        from ..trainer import TrainingError
-
-        if isinstance(e, TrainingError):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
+from genhancer.evaluation import write_json
 
 
 def add_commands(sub) -> None:
@@ -76,13 +76,6 @@ def _check_batch(args) -> None:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
 
 
-def _write_json(out: str, name: str, payload: dict) -> Path:
-    path = Path(out) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
-
-
 def run_mmvp(args) -> None:
     from genhancer.evaluation import mmvp
     from genhancer.evaluation.models import load_model
@@ -111,7 +104,7 @@ def run_zeroshot(args) -> None:
     zeroshot.load_image_folder(args.data, args.classnames)  # fail on a bad dataset before loading the model
     model = load_model(args.model, args.device, args.dtype)
     result = zeroshot.evaluate(model, args.data, templates, args.classnames, args.batch_size)
-    path = _write_json(args.out, "zeroshot.json", {"model": args.model, "data": args.data, **result})
+    path = write_json(Path(args.out) / "zeroshot.json", {"model": args.model, "data": args.data, **result})
     print(f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({result['num_images']} images, "
           f"{result['num_classes']} classes); wrote {path}")  # fmt: skip
 
@@ -124,7 +117,7 @@ def run_retrieval(args) -> None:
     retrieval.load_pairs(args.data, args.image_root)  # fail on bad pairs before loading the model
     model = load_model(args.model, args.device, args.dtype)
     result = retrieval.evaluate(model, args.data, args.image_root, args.batch_size)
-    path = _write_json(args.out, "retrieval.json", {"model": args.model, "data": args.data, **result})
+    path = write_json(Path(args.out) / "retrieval.json", {"model": args.model, "data": args.data, **result})
     for direction in ("image_to_text", "text_to_image"):
         print(direction, "  ".join(f"{k} {v:.2f}" for k, v in result[direction].items()))
     print(f"{result['num_images']} images, {result['num_texts']} captions; wrote {path}")
@@ -144,7 +137,7 @@ def _named(specs: list[str]) -> dict[str, str]:
 
 
 def run_compare(args) -> None:
-    from genhancer.evaluation import mmvp, report, retrieval, zeroshot
+    from genhancer.evaluation import report, zeroshot
 
     _check_batch(args)
     if not (args.mmvp or args.zeroshot or args.retrieval):
@@ -154,12 +147,6 @@ def run_compare(args) -> None:
         templates=zeroshot.resolve_templates(args.templates), classnames=args.classnames,
         image_root=args.image_root, batch_size=args.batch_size,
     )  # fmt: skip
-    # fail on bad data before spending time on the first model
-    if plan.mmvp:
-        mmvp.load_benchmark(plan.mmvp)
-    for root in plan.zeroshot.values():
-        zeroshot.load_image_folder(root, plan.classnames)
-    for spec in plan.retrieval.values():
-        retrieval.load_pairs(spec, plan.image_root)
+    plan.check()  # fail on bad data before spending time on the first model
     report.compare(args.base, args.enhanced, plan, args.out, tuple(args.labels), args.device, args.dtype)
     print((Path(args.out) / "report.md").read_text())

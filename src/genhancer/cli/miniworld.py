@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
+from genhancer.evaluation import write_json
 
 
 def add_commands(sub) -> None:
@@ -62,24 +62,13 @@ def _positive(name: str, value: float) -> None:
 
 
 def run_generate(args) -> None:
-    import numpy as np
-
-    from genhancer.miniworld.scenes import ATTRIBUTES, caption, render, scene_from_seed
+    from genhancer.miniworld.scenes import write_folder
 
     _positive("num", args.num)
     _positive("size", args.size)
     if not 0 <= args.p <= 1:
         raise ConfigError(f"--p must be in [0, 1], got {args.p}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(args.first_seed)
-    with open(out / "labels.jsonl", "w") as f:
-        for seed in range(args.first_seed, args.first_seed + args.num):
-            scene = scene_from_seed(seed)
-            render(scene, args.size).save(out / f"{seed:08d}.png")
-            attributes = {"shape": scene.shape} | {a: getattr(scene, a) for a in ATTRIBUTES}
-            f.write(json.dumps({"file": f"{seed:08d}.png", "seed": seed, "attributes": attributes,
-                                "caption": caption(scene, rng, args.p)}) + "\n")
+    out = write_folder(args.out, args.num, args.first_seed, args.size, args.p)
     print(f"wrote {args.num} images to {out}")
 
 
@@ -116,8 +105,7 @@ def run_probe(args) -> None:
     for name, table in result.items():
         print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in table.items()))
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "probes.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {write_json(Path(args.out) / 'probes.json', result)}")
 
 
 def run_demo(args) -> None:

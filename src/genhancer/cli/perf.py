@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 def add_commands(sub) -> None:
@@ -44,36 +44,17 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_cache)
 
 
-def _load(args, overrides: list[str], base: dict | None = None):
-    from ..config import load_config
-    from . import recipe_path
-
-    return load_config(recipe_path(args.config) if args.config else None, overrides + list(args.overrides), base)
-
-
 def _bench(args) -> int:
-    import tempfile
-    from pathlib import Path
-
-    from ..bench import append_json, at_resolution, bench, preset_base, table
+    from ..bench import append_json, bench_recipe, table
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.views < 1:
         raise ConfigError(f"--views must be >= 1, got {args.views}")
-    with tempfile.TemporaryDirectory(prefix="genhancer-bench-") as work:
-        # in-memory images unless asked: set before validation, which would otherwise want the recipe's data.path
-        flags = ["data.source=synthetic"] * (not args.real_data) + [f"stage.stage={args.stage}"] * bool(args.stage)
-        flags += [f"train.batch_size={args.batch_size}"] * bool(args.batch_size)
-        cfg = _load(args, flags, preset_base(args.preset, Path(work)))
-        backbone = cfg.model.backbone
-        if args.resolution:
-            cfg = at_resolution(cfg, args.resolution, Path(work))
-        record = bench(cfg, warmup=args.warmup, steps=args.steps, cache=args.cache, views=args.views, cpu=args.cpu,
-                       attention=args.attention, peak_tflops=args.peak_tflops, real_data=args.real_data)
-    record["preset"] = args.preset
-    if args.resolution:  # name the architecture, not the temporary folder that held its config
-        record["config"]["backbone"] = f"{backbone} at {args.resolution}px (random weights)"
+    record = bench_recipe(args.config, args.overrides, preset=args.preset, stage=args.stage,
+                          batch_size=args.batch_size, resolution=args.resolution, real_data=args.real_data,
+                          warmup=args.warmup, steps=args.steps, cache=args.cache, views=args.views, cpu=args.cpu,
+                          attention=args.attention, peak_tflops=args.peak_tflops)
     print(table(record))
     if args.json:
         append_json(record, args.json)
@@ -85,8 +66,9 @@ def _cache(args) -> int:
     import torch
 
     from ..cache import build_cache
+    from ..recipes import load_recipe
 
-    cfg = _load(args, [])
+    cfg = load_recipe(args.config, args.overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = build_cache(cfg, args.out, views=args.views, batch_size=args.batch_size, device=device, dtype=args.dtype,
                       shard_size=args.shard_size)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 def add_commands(sub) -> None:

@@ -32,7 +32,6 @@ validated first (see :func:`load_benchmark`), and non-RGB images are converted t
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
+from genhancer.evaluation import write_json
 from genhancer.evaluation.models import EvalModel, read_image
 
 PROMPT = "a photo of "
@@ -267,5 +267,4 @@ def write_results(result: MMVPResult, out_dir: str | Path, meta: dict) -> tuple[
         writer.writeheader()
         writer.writerows(result.rows)
     summary = {**meta, "scores": result.scores, "correct_pairs": result.correct_pairs, "num_pairs": len(result.rows)}
-    json_path.write_text(json.dumps(summary, indent=2) + "\n")
-    return csv_path, json_path
+    return csv_path, write_json(json_path, summary)

@@ -18,7 +18,8 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, SiglipModel
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
+from genhancer.images import BadSample, decode_image
 
 FAMILIES = {"clip": CLIPModel, "siglip": SiglipModel}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -26,18 +27,16 @@ CLIP_CONTEXT = 77  # the reference evaluation's max_length for CLIP tokenizers
 
 
 def read_image(source, where: str = "") -> Image.Image:
-    """Decode one image (a path or a binary file object) fully, as RGB, so a truncated file fails here.
+    """Decode one image (a path or a binary file object) fully, as RGB (``images.decode_image``, as training does).
 
     ``where`` names the image in errors (default: the path), e.g. ``"Questions.csv line 5 (Question ID 4): <path>"``.
     """
     where = where or str(source)
     try:
-        with Image.open(source) as image:
-            image.load()
-            return image.convert("RGB")
+        return decode_image(source.read() if hasattr(source, "read") else Path(source).read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"{where}: image not found") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, BadSample) as err:
         raise ConfigError(f"{where}: cannot read image ({err})") from None
 
 

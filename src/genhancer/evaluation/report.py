@@ -8,14 +8,13 @@ text->image "Image@5" and image->text "Text@5" per retrieval dataset); ``mmvp_ra
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from genhancer.evaluation import mmvp, retrieval, zeroshot
+from genhancer.evaluation import mmvp, retrieval, write_json, zeroshot
 from genhancer.evaluation.models import load_model
 from genhancer.evaluation.zeroshot import ENSEMBLE_TEMPLATES
 
@@ -35,6 +34,15 @@ class Comparison:
     classnames: str | None = None
     image_root: str | None = None
     batch_size: int = 32
+
+    def check(self) -> None:
+        """Read every benchmark and dataset index, so that bad data fails before the first model loads."""
+        if self.mmvp:
+            mmvp.load_benchmark(self.mmvp)
+        for root in self.zeroshot.values():
+            zeroshot.load_image_folder(root, self.classnames)
+        for spec in self.retrieval.values():
+            retrieval.load_pairs(spec, self.image_root)
 
 
 def evaluate_model(path: str, plan: Comparison, device: str, dtype: str, out_dir: Path) -> dict:
@@ -127,5 +135,5 @@ def compare(base: str, enhanced: str, plan: Comparison, out_dir: str | Path, lab
                         + global_table(results[0], results[1], labels))  # fmt: skip
     (out_dir / "report.md").write_text("\n\n".join(sections) + "\n")
     report = {"labels": list(labels), "base": results[0], "enhanced": results[1]}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out_dir / "report.json", report)
     return report

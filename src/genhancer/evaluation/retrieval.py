@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
 from genhancer.evaluation.models import EvalModel, read_image
+from genhancer.images import SHARD_IMAGE_KEYS
 
 KS = (1, 5, 10)
 IMAGE_COLUMNS = ("image", "filepath", "file", "path")
 CAPTION_COLUMNS = ("caption", "text", "title")
-WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass
@@ -125,9 +125,9 @@ def _load_shards(spec: str) -> CaptionedImages:
     dataset = wds.WebDataset(_shard_urls(spec), shardshuffle=False, empty_check=False)
     for sample in dataset:  # raw bytes: images are decoded batch by batch, errors name the shard and key
         where = f"{sample['__url__']} sample {sample['__key__']}"
-        key = next((k for k in WDS_IMAGE_KEYS if k in sample), None)
+        key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
         if key is None:
-            raise ConfigError(f"{where}: no image (expected one of {', '.join(WDS_IMAGE_KEYS)})")
+            raise ConfigError(f"{where}: no image (expected one of {', '.join(SHARD_IMAGE_KEYS)})")
         data.add(sample[key], f"{where}.{key}", _captions(sample, where))
     return data
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
 from genhancer.evaluation.models import EvalModel, read_image
+from genhancer.images import IMAGE_EXTENSIONS, image_files
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 # CLIP's seven-prompt ensemble for ImageNet (Radford et al., 2021, prompt-engineering notebook)
 ENSEMBLE_TEMPLATES = (
     "itap of a {}.",
@@ -62,11 +62,11 @@ def load_image_folder(root: str | Path, classnames: str | Path | None = None):
         names = _read_classnames(Path(classnames), [f.name for f in folders])
     paths, labels = [], []
     for label, folder in enumerate(folders):
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(folder, recursive=False)
         paths += files
         labels += [label] * len(files)
     if not paths:
-        raise ConfigError(f"--data {root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
+        raise ConfigError(f"--data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     return paths, torch.tensor(labels), names
 
 

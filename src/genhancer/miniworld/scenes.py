@@ -26,7 +26,9 @@ resolution (drawn 4x supersampled, then downsampled).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -283,3 +285,19 @@ SPLITS = {"train": 0, "val": 10_000_000, "mmvp": 20_000_000, "mmvp-large": 30_00
 def render_many(scenes: list[Scene], size: int = 64) -> np.ndarray:
     """``(N, size, size, 3)`` uint8 renders."""
     return np.stack([np.asarray(render(s, size)) for s in scenes])
+
+
+def write_folder(out: str | Path, num: int, first_seed: int = SPLITS["train"], size: int = 64, p: float = 0.15) -> Path:
+    """Render scenes ``first_seed .. first_seed + num - 1`` to ``out/<seed>.png``, with ``out/labels.jsonl``: one
+    line per image with its seed, attributes and a caption (mentioning each fine attribute with probability ``p``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(first_seed)
+    with open(out / "labels.jsonl", "w") as f:
+        for seed in range(first_seed, first_seed + num):
+            scene = scene_from_seed(seed)
+            render(scene, size).save(out / f"{seed:08d}.png")
+            attributes = {"shape": scene.shape} | {a: getattr(scene, a) for a in ATTRIBUTES}
+            f.write(json.dumps({"file": f"{seed:08d}.png", "seed": seed, "attributes": attributes,
+                                "caption": caption(scene, rng, p)}) + "\n")
+    return out

@@ -11,13 +11,16 @@ scattered back on resume, so a run can move between DeepSpeed and DDP, or to ano
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from contextlib import contextmanager
 
 import torch
 from accelerate.utils import InitProcessGroupKwargs
 
-from .config import ConfigError, RunConfig
+from ..config import RunConfig
+from ..errors import ConfigError
+from .base import Backend
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -136,3 +139,37 @@ def load_optimizer_state(opt, params: list[torch.nn.Parameter], saved: dict) -> 
     for i, p in enumerate(params):
         for key in _STATE_KEYS:
             safe_set_full_optimizer_state(p, state[i][key].to(p.device, torch.float32), key)
+
+
+class ZeroBackend(Backend):
+    """DeepSpeed's engine: it autocasts, divides by ``grad_accum``, reduces into shards, clips and steps, or
+    skips a step whose gradient norm is not finite."""
+
+    def __init__(self, acc, cfg: RunConfig):
+        super().__init__(acc, cfg)
+        acc.print(configure(acc, cfg))
+
+    def _prepare(self, module, optimizer) -> tuple:
+        with scalars_as_vectors(module):
+            return self.acc.prepare(module, optimizer)
+
+    @contextmanager
+    def accumulate(self, last: bool):
+        self.model.set_gradient_accumulation_boundary(last)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)
+
+    def step(self, loss_finite: bool) -> float:
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        norm = math.inf if norm is None or self.optimizer.step_was_skipped else float(norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def optimizer_state(self) -> dict | None:
+        return gather_optimizer_state(self.optimizer, self.params, keep=self.acc.is_main_process)
+
+    def load_optimizer_state(self, state: dict) -> None:
+        load_optimizer_state(self.optimizer, self.params, state)
