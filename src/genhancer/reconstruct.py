@@ -30,7 +30,7 @@ def reconstruct(enh: Enhancer, images: torch.Tensor, seed: int = 0, steps: int =
     images = images.to(next(enh.parameters()).device)
     cond = enh.condition({"pixels": images}, None)
     gen = torch.Generator().manual_seed(seed)
-    target = enh.head.sample(cond, enh.target_shape, gen, steps=steps)
+    target = enh.sample(cond, gen, steps=steps)
     return (enh.latent.decode(target).clamp(-1, 1) + 1) / 2
 
 
