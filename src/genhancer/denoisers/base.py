@@ -4,12 +4,13 @@ A family (``flux.py``, ``perceiver.py``) holds pure networks: no random draws, n
 to ``genhancer.objectives``) and no config errors (bad shapes raise ``ValueError``; ``genhancer.enhancer`` turns
 them into the user's ``ConfigError``). It exposes:
 
-* ``Arch``: the frozen architecture dataclass its presets (``configs/denoisers/<name>.json``) are loaded into;
-* ``Head``: the module saved under ``head.`` in checkpoints, the projector(s) h_omega and the network g_phi
-  (kept in ``head.denoiser``, what ``train.compile`` compiles). ``Head.latent_kind`` names the latent space it
-  pairs with, hence its objective; ``Head.check_target(target_shape)`` raises ``ValueError`` on a latent the
-  network cannot take;
-* ``build(arch, cond_dim, latent) -> Head``: the head for condition tokens of width ``cond_dim`` over ``latent``.
+* ``ARCH``: the frozen architecture dataclass its presets (``configs/denoisers/<name>.json``) are loaded into;
+* ``LATENT_KIND``: the latent spaces it pairs with ("continuous" / "discrete"), hence its objective;
+* ``build(arch, cond_dim, latent)``: its head for condition tokens of width ``cond_dim`` over ``latent``. The head
+  is the module saved under ``head.`` in checkpoints: the projector(s) h_omega and the network g_phi, kept in
+  ``head.denoiser`` (what ``train.compile`` compiles, with a ``grad_checkpointing`` switch). Its ``forward`` is
+  what the objective calls, and ``check_target(target_shape)`` raises ``ValueError`` on a latent the network
+  cannot take.
 """
 
 from __future__ import annotations
