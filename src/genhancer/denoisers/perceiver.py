@@ -193,7 +193,6 @@ class PerceiverHead(nn.Module):
     def __init__(self, arch: PerceiverArch, cond_dim: int, codebook_size: int):
         super().__init__()
         self.arch = arch
-        self.codebook_size = codebook_size
         self.projector = Projector(cond_dim, arch.width)
         self.denoiser = Perceiver(arch, codebook_size)
 
