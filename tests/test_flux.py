@@ -127,6 +127,9 @@ def test_shapes_the_network_cannot_take_are_config_errors_at_build(tiny_clip, ov
         build_enhancer(load_config(None, overrides(tiny_clip, tmp_path, model__denoiser_arch="{patch_size: 3}")))
     with pytest.raises(ConfigError, match="in_channels=12"):
         build_enhancer(load_config(None, overrides(tiny_clip, tmp_path, model__denoiser_arch="{in_channels: 64}")))
+    with pytest.raises(ConfigError, match="set objective.timestep_sampling"):  # objective settings moved out
+        build_enhancer(load_config(None, overrides(tiny_clip, tmp_path,
+                                                   model__denoiser_arch="{timestep_sampling: uniform}")))
     with pytest.raises(ConfigError, match="did you mean 'patch_size'"):
         build_enhancer(load_config(None, overrides(tiny_clip, tmp_path, model__denoiser_arch="{patch_sise: 2}")))
     with pytest.raises(ValueError, match="sum\\(axes_dim\\)") as e:

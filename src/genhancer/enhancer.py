@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .backbones import VisionBackbone, build_backbone, vision_linear_names
-from .config import ConfigError, RunConfig, StageConfig
+from .config import ConfigError, ObjectiveConfig, RunConfig, StageConfig
 from .denoisers import DENOISERS
 from .latents import LatentSpace, build_latent_space
 from .objectives import OBJECTIVES, Objective
@@ -120,6 +120,8 @@ def denoiser_arch(name: str, overrides: dict | None = None):
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
+            if key in {f.name for f in dataclasses.fields(ObjectiveConfig)}:
+                hint = f"objective settings are not architecture: set objective.{key}"
             raise ConfigError(f"unknown key 'model.denoiser_arch.{key}' for denoiser '{name}': {hint}")
     return dataclasses.replace(arch, **(overrides or {}))
 
