@@ -4,6 +4,7 @@ from transformers import CLIPModel, SiglipModel
 
 from genhancer.backbones import BACKBONES, VisionBackbone, build_backbone, build_from_config, vision_linear_names
 from genhancer.config import ConfigError, ModelConfig
+from genhancer.enhancer import select_condition
 
 PAPER_TABLE_1 = {  # whole-model parameters in millions, as printed in the paper
     "openai-clip-vit-l-14-224": 427.6, "openai-clip-vit-l-14-336": 427.9, "metaclip-vit-l-14-224": 427.6,
@@ -45,10 +46,12 @@ def test_local_tokens_are_the_chosen_patches_in_condition_space(tiny_clip):
     images = torch.rand(2, 3, 32, 32)
     index = torch.tensor([[0, 5], [15, 3]])
     with torch.no_grad():
-        cond = bb(images, index)
+        tokens = bb(images, local=True)  # the global token, then every patch token
+        cond = select_condition(tokens, index)
         out = bb.vision(pixel_values=(images - bb.mean) / bb.std)
         all_local = bb.model.visual_projection(bb.vision.post_layernorm(out.last_hidden_state[:, 1:]))
-    assert cond.shape == (2, 3, 16) and bb.num_patches == 16
+    assert cond.shape == (2, 3, 16) and bb.num_patches == 16 and tokens.shape == (2, 17, 16)
+    torch.testing.assert_close(tokens[:, 1:], all_local)
     torch.testing.assert_close(cond[1, 1], all_local[1, 15])
     torch.testing.assert_close(cond[0, 2], all_local[0, 5])
 

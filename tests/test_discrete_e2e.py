@@ -68,7 +68,22 @@ def test_objective_settings_reach_the_head(tiny_clip, overrides, tiny_vq, tmp_pa
     cfg = load_config(None, discrete(overrides, tiny_clip, tmp_path, tiny_vq, objective__mask_ratio_min=0.6,
                                      objective__mask_ratio_max=0.8, train__grad_checkpointing="true"))
     enh = build_enhancer(cfg)
-    assert (enh.head.arch.mask_ratio_min, enh.head.arch.mask_ratio_max, enh.head.arch.mask_ratio) == (0.6, 0.8, None)
+    o = enh.objective.cfg
+    assert (o.mask_ratio_min, o.mask_ratio_max, o.mask_ratio) == (0.6, 0.8, None)
     assert enh.head.denoiser.grad_checkpointing and enh.target_shape == (8, 8)
     ratios = enh.draw(64, torch.Generator().manual_seed(0))["mask"].float().mean((1, 2))
     assert ratios.min() >= 0.59 and ratios.max() <= 0.81
+
+
+def test_network_shape_errors_reach_the_user_as_config_errors(tiny_clip, overrides, tiny_vq, tmp_path):
+    from genhancer.config import ConfigError, load_config
+    from genhancer.enhancer import build_enhancer
+
+    with pytest.raises(ConfigError, match="max_grid=8"):  # the tiny VQ's 8 x 8 grid in a 4 x 4 position table
+        build_enhancer(load_config(None, discrete(overrides, tiny_clip, tmp_path, tiny_vq,
+                                                  model__denoiser_arch="{max_grid: 4}")))
+    enh = build_enhancer(load_config(None, discrete(overrides, tiny_clip, tmp_path, tiny_vq)))
+    other = build_enhancer(load_config(None, discrete(overrides, tiny_clip, tmp_path, tiny_vq,
+                                                      model__denoiser_arch="{max_grid: 12}")))
+    with pytest.raises(ConfigError, match="max_grid=12"):  # a checkpoint of another position table
+        enh.load_saved_weights(other.weights_to_save(), head_only=True)

@@ -37,8 +37,9 @@ def test_denoiser_study_builds_continuous_and_discrete_configs(tmp_path):
     import torch
     from diffusers import VQModel
 
-    from genhancer.denoisers import build_head
+    from genhancer.enhancer import build_head
     from genhancer.latents import PixelSpace, VQSpace
+    from genhancer.objectives import MaskedTokens
 
     variants = STUDIES["denoiser"]
     assert len(variants) == 2
@@ -63,8 +64,9 @@ def test_denoiser_study_builds_continuous_and_discrete_configs(tmp_path):
     heads = [build_head(c.model.denoiser, c.model.denoiser_arch, 64, space)
              for c, space in ((cont, PixelSpace(2)), (disc, vq))]
     assert 0.7 < n(heads[1]) / n(heads[0]) < 1.3
-    draws = heads[1].draw(2, (8, 8), torch.Generator().manual_seed(0))
-    loss = heads[1].loss(torch.randint(0, 256, (2, 8, 8)), torch.randn(2, 1, 64), draws)
+    objective = MaskedTokens(disc.objective)
+    draws = objective.draw(2, (8, 8), torch.Generator().manual_seed(0))
+    loss = objective.loss(heads[1], torch.randint(0, 256, (2, 8, 8)), torch.randn(2, 1, 64), draws)
     assert loss.shape == (2,) and torch.isfinite(loss).all()
 
 

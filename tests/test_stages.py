@@ -63,8 +63,27 @@ def test_cls_plus_local_condition_has_the_right_number_of_tokens(tiny_clip, over
     assert cond.shape == (2, expected, 16)
 
 
-def test_objective_settings_reach_the_head(tiny_clip, overrides, tmp_path):
+def test_objective_and_training_settings_reach_the_objective_and_network(tiny_clip, overrides, tmp_path):
     cfg = load_config(None, overrides(tiny_clip, tmp_path, objective__logit_normal_mean=1.5,
-                                      objective__logit_normal_scale=0.5, objective__timestep_sampling="uniform"))
-    arch = build_enhancer(cfg).head.arch
-    assert (arch.logit_normal_mean, arch.logit_normal_scale, arch.timestep_sampling) == (1.5, 0.5, "uniform")
+                                      objective__logit_normal_scale=0.5, objective__timestep_sampling="uniform",
+                                      train__grad_checkpointing="true"))
+    enh = build_enhancer(cfg)
+    o = enh.objective.cfg
+    assert (o.logit_normal_mean, o.logit_normal_scale, o.timestep_sampling) == (1.5, 0.5, "uniform")
+    assert enh.head.denoiser.grad_checkpointing
+    assert not build_enhancer(load_config(None, overrides(tiny_clip, tmp_path))).head.denoiser.grad_checkpointing
+
+
+def test_live_and_cached_conditions_are_the_same_selection(tiny_clip, overrides, tmp_path):
+    """select_condition picks [global; chosen local tokens] alike from the live backbone and from a cache."""
+    cfg = load_config(None, overrides(tiny_clip, tmp_path, model__condition="cls+local", model__local_ratio=0.25))
+    enh = build_enhancer(cfg).eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    local_index = enh.draw(2, torch.Generator().manual_seed(0))["local_index"]
+    with torch.no_grad():
+        cached = enh.backbone(pixels, local=True)  # what a stage-1 cache stores: global + every patch token
+        live = enh.condition({"pixels": pixels}, local_index)
+        assert cached.shape == (2, 1 + enh.backbone.num_patches, 16)
+        torch.testing.assert_close(enh.condition({"cond": cached}, local_index), live)
+        torch.testing.assert_close(enh.condition({"cond": cached}, None), enh.condition({"pixels": pixels}, None))
+        assert torch.equal(live[:, 1:], cached[torch.arange(2)[:, None], 1 + local_index])

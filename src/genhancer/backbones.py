@@ -138,20 +138,20 @@ class VisionBackbone(nn.Module):
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    def forward(self, images: torch.Tensor, local_index: torch.Tensor | None = None) -> torch.Tensor:
-        """images: (B, 3, S, S) in [0, 1]; local_index: (B, K) patch indices or None -> cond (B, 1 + K, D)."""
+    def forward(self, images: torch.Tensor, local: bool = False) -> torch.Tensor:
+        """images: (B, 3, S, S) in [0, 1] -> the global token (B, 1, D), followed by every patch token in the same
+        space when ``local`` (B, 1 + N, D); ``genhancer.enhancer.select_condition`` picks the condition from them."""
         x = (images - self.mean) / self.std
         out = self.vision(pixel_values=x)
         if self.family == "clip":
             tokens = [self.model.visual_projection(out.pooler_output)[:, None]]
         else:
             tokens = [out.pooler_output[:, None]]
-        if local_index is not None and local_index.shape[1] > 0:
+        if local:
             patches = out.last_hidden_state
             if self.family == "clip":
                 patches = self.model.visual_projection(self.vision.post_layernorm(patches[:, 1:]))
-            idx = local_index[..., None].expand(-1, -1, patches.shape[-1])
-            tokens.append(torch.gather(patches, 1, idx))
+            tokens.append(patches)
         return torch.cat(tokens, dim=1)
 
     def check_image_size(self, size: int) -> None:

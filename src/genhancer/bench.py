@@ -318,20 +318,12 @@ def _peak_memory(cuda: bool) -> dict:
 
 def _meta_enhancer(cfg: RunConfig):
     """The run's model with no storage (meta device): for counting parameters and FLOPs at any size."""
-    from .backbones import build_backbone
-    from .denoisers import build_head
-    from .enhancer import Enhancer, apply_stage, head_overrides
-    from .latents import build_latent_space
+    from .enhancer import apply_stage, build_enhancer
 
     c = copy.deepcopy(cfg)
     c.model.random_init = True
     c.train.grad_checkpointing = False  # model FLOPs: recomputation is not counted
-    latent = build_latent_space(c.model)  # small; diffusers cannot load into a meta context
-    with torch.device("meta"):
-        backbone = build_backbone(c.model)
-        head = build_head(c.model.denoiser, head_overrides(c), backbone.cond_dim, latent)
-    n_local = round(c.model.local_ratio * backbone.num_patches) if c.model.condition == "cls+local" else 0
-    enh = Enhancer(backbone, latent.to("meta"), head, n_local)
+    enh = build_enhancer(c, device="meta")
     apply_stage(enh, c.stage)
     return enh
 
@@ -357,7 +349,7 @@ def model_counts(cfg: RunConfig) -> dict:
     with FlopCounterMode(display=False) as counter:
         enh(batch, draws).sum().backward()
     return {"params_backbone": n(enh.backbone), "params_latent": n(enh.latent), "params_head": n(enh.head),
-            "params_denoiser": n(getattr(enh.head, "denoiser", enh.head)), "params_trainable": n(enh, True),
+            "params_denoiser": n(enh.head.denoiser), "params_trainable": n(enh, True),
             "flops_per_image": counter.get_total_flops() / b, "image_size": enh.image_size}
 
 

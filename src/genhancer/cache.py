@@ -38,7 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .backbones import resolve_source
-from .config import ConfigError, RunConfig
+from .config import RunConfig
+from .errors import ConfigError
 from .data import build_loader
 
 VERSION = 1
@@ -194,9 +195,7 @@ def _encode(enh, chunk, view, kind, local, device, autocast, dtype) -> dict[str,
         target = enh.target({"pixels": pixels})
         out = {}
         if kind == "cond":
-            n = len(chunk)
-            idx = torch.arange(enh.backbone.num_patches, device=device).expand(n, -1) if local else None
-            out["cond"] = enh.backbone(pixels, idx).float()
+            out["cond"] = enh.backbone(pixels, local).float()
     out = {k: v.to(dtype).cpu() for k, v in out.items()}
     # code indices stay integers: a bf16 cache would silently round indices above 256
     out["target"] = target.cpu() if not target.is_floating_point() else target.float().to(dtype).cpu()

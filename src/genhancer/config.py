@@ -40,12 +40,14 @@ class ModelConfig:
 class ObjectiveConfig:
     """How reconstruction targets are corrupted."""
 
-    timestep_sampling: str = "logit-normal"  # "logit-normal" (Eq. 6) or "uniform"
+    timestep_sampling: str = "logit-normal"  # objectives.flow.TIMESTEP_SCHEDULES: "logit-normal" (Eq. 6), "uniform"
     logit_normal_scale: float = 1.0  # s in t = sigmoid(m + s * eps)
     logit_normal_mean: float = 0.0  # m: 0 in the paper; > 0 samples nearer t = 1 (pure noise)
+    mask_sampling: str = "uniform"  # discrete: a key of objectives.masked.MASK_RATIOS; "uniform": r ~ U[min, max]
     mask_ratio_min: float = 0.5  # discrete denoiser: per-sample mask ratio ~ U[min, max] (paper: 50-90%)
     mask_ratio_max: float = 0.9
-    mask_ratio: float | None = None  # fixed mask ratio instead of the range (Table 8)
+    mask_ratio: float | None = None  # fixed mask ratio instead of the rule (Table 8)
+    choice_temperature: float = 4.5  # discrete previews: MaskGIT's re-masking temperature (annealed to 0)
 
 
 @dataclass
@@ -270,13 +272,17 @@ def validate(cfg: RunConfig) -> None:
     need(m.condition in ("cls", "cls+local"), f"model.condition must be 'cls' or 'cls+local', got '{m.condition}'")
     need(0.0 < m.local_ratio <= 1.0, f"model.local_ratio must be in (0, 1], got {m.local_ratio}")
     need(m.latent_downsample >= 1, f"model.latent_downsample must be >= 1, got {m.latent_downsample}")
-    need(o.timestep_sampling in ("logit-normal", "uniform"),
-         f"objective.timestep_sampling must be 'logit-normal' or 'uniform', got '{o.timestep_sampling}'")
+    from .objectives import MASK_RATIOS, TIMESTEP_SCHEDULES  # here: the registries import torch
+
+    for key, registry in (("timestep_sampling", TIMESTEP_SCHEDULES), ("mask_sampling", MASK_RATIOS)):
+        need(getattr(o, key) in registry, f"objective.{key} must be one of {', '.join(map(repr, registry))}, "
+                                          f"got '{getattr(o, key)}'")
     need(o.logit_normal_scale > 0, f"objective.logit_normal_scale must be > 0, got {o.logit_normal_scale}")
     for name in ("mask_ratio_min", "mask_ratio_max", "mask_ratio"):
         v = getattr(o, name)
         need(v is None or 0.0 < v < 1.0, f"objective.{name} must be in (0, 1), got {v}")
     need(o.mask_ratio_min <= o.mask_ratio_max, "objective.mask_ratio_min must not exceed objective.mask_ratio_max")
+    need(o.choice_temperature >= 0, f"objective.choice_temperature must be >= 0, got {o.choice_temperature}")
     need(s.stage in ("stage1", "stage2", "e2e"), f"stage.stage must be 'stage1', 'stage2' or 'e2e', got '{s.stage}'")
     need(s.finetune in ("lora", "full"), f"stage.finetune must be 'lora' or 'full', got '{s.finetune}'")
     need(s.lora_r >= 1, f"stage.lora_r must be >= 1, got {s.lora_r}")

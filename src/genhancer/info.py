@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from .backbones import BACKBONES, build_from_config
-from .denoisers import DENOISERS, family_of
+from .denoisers import DENOISERS
+from .enhancer import build_head
 
 
 def count(module: torch.nn.Module) -> int:
@@ -23,19 +26,15 @@ def backbone_row(name: str) -> dict:
             "hub_id": preset.hub_id}
 
 
-class _LatentStub:
-    """What a head builder reads from a latent space: FLUX's 16 channels, or a 1024-code VQ-GAN."""
-
-    channels, codebook_size, kind = 16, 1024, None
-
-
 def denoiser_row(name: str, cond_dim: int = 768) -> dict:
-    family, arch = DENOISERS[name]
+    """The preset's head alone (no backbone or latent space to build): over a stand-in for FLUX's 16-channel VAE
+    or a 1024-code VQ-GAN, whichever kind of latent it takes."""
+    preset = DENOISERS[name]
+    latent = SimpleNamespace(kind=preset.module.LATENT_KIND, channels=16, codebook_size=1024)
     with torch.device("meta"):
-        head = family.build(arch, cond_dim, _LatentStub())
-    denoiser = getattr(head, "denoiser", head)
-    return {"name": name, "family": family_of(name), "denoiser_params": count(denoiser),
-            "head_params": count(head), "arch": arch}
+        head = build_head(name, None, cond_dim, latent)
+    return {"name": name, "family": preset.family, "denoiser_params": count(head.denoiser),
+            "head_params": count(head), "arch": preset.arch}
 
 
 def describe(backbones: list[str] | None = None, denoisers: list[str] | None = None) -> str:

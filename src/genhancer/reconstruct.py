@@ -10,7 +10,7 @@ from PIL import Image
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .enhancer import Enhancer, apply_stage, build_enhancer
-from .trainer import load_run_config
+from .checkpoint import load_run_config
 
 
 def load_enhancer(run: str | Path, device: str = "cpu") -> Enhancer:
@@ -30,7 +30,7 @@ def reconstruct(enh: Enhancer, images: torch.Tensor, seed: int = 0, steps: int =
     images = images.to(next(enh.parameters()).device)
     cond = enh.condition({"pixels": images}, None)
     gen = torch.Generator().manual_seed(seed)
-    target = enh.head.sample(cond, enh.target_shape, gen, steps=steps)
+    target = enh.sample(cond, gen, steps=steps)
     return (enh.latent.decode(target).clamp(-1, 1) + 1) / 2
 
 

@@ -24,7 +24,6 @@ from accelerate.utils import gather_object
 
 from . import checkpoint as ckpt_io
 from .backends import Backend, build_backend, make_accelerator
-from .checkpoint import load_run_config  # noqa: F401 - reconstruct.py still imports it from here
 from .config import RunConfig, to_dict
 from .data import build_loader
 from .enhancer import Enhancer, apply_stage, build_enhancer

@@ -1,44 +1,48 @@
-"""Registry of denoiser presets. Each family module exposes ``PRESETS`` (name -> architecture dataclass) and
-``build(arch, cond_dim, latent) -> GenerativeHead``; a new family is one module added to ``_FAMILIES``."""
+"""Denoiser networks and their presets.
+
+Every preset is one JSON file ``configs/denoisers/<name>.json``: ``{"family": ..., <every field of the family's
+architecture dataclass>}``. ``DENOISERS`` maps preset names (the CLI's choices) to :class:`DenoiserPreset`. A new
+family is one module (see ``base.py``) added to ``FAMILIES``; a new preset is one JSON file.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import json
+from importlib import resources
+from types import ModuleType
 
-from ..config import ConfigError
 from . import flux, perceiver
-from .base import GenerativeHead
 
-_FAMILIES = (flux, perceiver)
-DENOISERS = {name: (family, arch) for family in _FAMILIES for name, arch in family.PRESETS.items()}
+FAMILIES: dict[str, ModuleType] = {"flux": flux, "perceiver": perceiver}
 
 
-def denoiser_arch(name: str, overrides: dict | None = None):
-    """The architecture dataclass of preset ``name`` with ``overrides`` applied (unknown fields rejected)."""
-    if name not in DENOISERS:
-        close = difflib.get_close_matches(name, DENOISERS, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(sorted(DENOISERS))}"
-        raise ConfigError(f"unknown denoiser preset '{name}': {hint}")
-    _, arch = DENOISERS[name]
-    fields = {f.name for f in dataclasses.fields(arch)}
-    for key in overrides or {}:
-        if key not in fields:
-            raise ConfigError(f"unknown key 'model.denoiser_arch.{key}' for denoiser '{name}': "
-                              f"valid keys: {', '.join(sorted(fields))}")
-    return dataclasses.replace(arch, **(overrides or {}))
+@dataclasses.dataclass(frozen=True)
+class DenoiserPreset:
+    """A registered denoiser: its family module and its architecture."""
+
+    name: str
+    family: str
+    arch: object
+
+    @property
+    def module(self) -> ModuleType:
+        return FAMILIES[self.family]
 
 
-def build_head(name: str, overrides: dict | None, cond_dim: int, latent) -> GenerativeHead:
-    """Projector + denoiser of preset ``name`` for condition tokens of width ``cond_dim`` over ``latent``."""
-    family, _ = DENOISERS.get(name, (None, None))
-    arch = denoiser_arch(name, overrides)
-    head = family.build(arch, cond_dim, latent)
-    if head.latent_kind != latent.kind:
-        raise ConfigError(f"denoiser '{name}' needs a {head.latent_kind} latent space but model.latent is "
-                          f"{latent.kind}: use a {'VQ' if head.latent_kind == 'discrete' else 'continuous'} latent")
-    return head
+def _arch(family: ModuleType, fields: dict):
+    """The family's architecture dataclass from JSON values (lists become the tuples the dataclass declares)."""
+    return family.ARCH(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-def family_of(name: str) -> str:
-    return DENOISERS[name][0].__name__.rsplit(".", 1)[-1]
+def _load_presets() -> dict[str, DenoiserPreset]:
+    presets = {}
+    for entry in resources.files("genhancer").joinpath("configs", "denoisers").iterdir():
+        if entry.name.endswith(".json"):
+            fields = json.loads(entry.read_text())
+            family = fields.pop("family")
+            presets[entry.name[:-5]] = DenoiserPreset(entry.name[:-5], family, _arch(FAMILIES[family], fields))
+    return dict(sorted(presets.items()))
+
+
+DENOISERS = _load_presets()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
 
 
 # The discrete variant's tokenizer: ``configs/vq/tiny.json`` with a fourth level (f8: a 64 px scene -> 8 x 8 = 64

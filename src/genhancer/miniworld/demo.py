@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from genhancer.config import ConfigError
+from genhancer.errors import ConfigError
 
 LABELS = ("Original", "GenHancer")
 

@@ -65,41 +65,49 @@ def _pixels(scenes: list[Scene], size: int) -> torch.Tensor:
     return torch.from_numpy(render_many(scenes, size)).permute(0, 3, 1, 2).float() / 255
 
 
-def _head(recipe: IncentiveRecipe, cond_dim: int):
-    from genhancer.denoisers import build_head
+def _model(recipe: IncentiveRecipe, cond_dim: int):
+    """A fresh head (projectors + network) and the rectified-flow objective of ``recipe``."""
+    from genhancer.config import ObjectiveConfig
+    from genhancer.enhancer import build_head
     from genhancer.latents import PixelSpace
+    from genhancer.objectives import RectifiedFlow
 
-    overrides = {**recipe.denoiser_arch, "timestep_sampling": recipe.timestep_sampling,
-                 "logit_normal_mean": recipe.logit_normal_mean, "logit_normal_scale": recipe.logit_normal_scale}
+    objective = RectifiedFlow(ObjectiveConfig(timestep_sampling=recipe.timestep_sampling,
+                                              logit_normal_mean=recipe.logit_normal_mean,
+                                              logit_normal_scale=recipe.logit_normal_scale))
     torch.manual_seed(recipe.seed)
-    return build_head(recipe.denoiser, overrides, cond_dim, PixelSpace(recipe.latent_downsample))
+    return build_head(recipe.denoiser, recipe.denoiser_arch, cond_dim, PixelSpace(recipe.latent_downsample)), objective
 
 
 def train_head(recipe: IncentiveRecipe, cond: torch.Tensor, target: torch.Tensor):
-    """A stage-1 head trained on fixed (condition, target) pairs with the trainer's optimiser settings."""
-    head = _head(recipe, cond.shape[-1]).train()
+    """(head, objective): a stage-1 head trained on fixed (condition, target) pairs with the trainer's optimiser
+    settings (AdamW, linear warm-up, gradient clipping at 1)."""
+    head, objective = _model(recipe, cond.shape[-1])
+    head.train()
     opt = torch.optim.AdamW(head.parameters(), lr=recipe.lr, betas=(0.9, 0.999), weight_decay=0.01)
     g = torch.Generator().manual_seed(recipe.seed)
     for step in range(recipe.steps):
         for group in opt.param_groups:
             group["lr"] = recipe.lr * min(1.0, (step + 1) / recipe.warmup)
         idx = torch.randint(len(target), (recipe.batch_size,), generator=g)
-        draws = head.draw(recipe.batch_size, tuple(target.shape[1:]), g)
-        loss = head.loss(target[idx], cond[idx], draws).mean()
+        draws = objective.draw(recipe.batch_size, tuple(target.shape[1:]), g)
+        loss = objective.loss(head, target[idx], cond[idx], draws).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         opt.step()
-    return head.eval()
+    return head.eval(), objective
 
 
 @torch.no_grad()
-def val_loss(head, target: torch.Tensor, cond: torch.Tensor, repeats: int, seed: int = 1) -> float:
-    """Mean loss over ``repeats`` fixed noise draws (the same draws for every condition compared)."""
+def val_loss(model, target: torch.Tensor, cond: torch.Tensor, repeats: int, seed: int = 1) -> float:
+    """Mean loss of ``model`` = (head, objective) over ``repeats`` fixed noise draws (the same draws for every
+    condition compared)."""
+    head, objective = model
     total = 0.0
     for r in range(repeats):
-        draws = head.draw(len(target), tuple(target.shape[1:]), torch.Generator().manual_seed(seed + r))
-        total += head.loss(target, cond, draws).mean().item() / repeats
+        draws = objective.draw(len(target), tuple(target.shape[1:]), torch.Generator().manual_seed(seed + r))
+        total += objective.loss(head, target, cond, draws).mean().item() / repeats
     return total
 
 

@@ -116,5 +116,5 @@ def condition_use(run_dir: str | Path, n: int = 256, repeats: int = 4, size: int
     for r in range(repeats):
         draws = enh.draw(n, torch.Generator().manual_seed(r))
         for name, src in sources.items():
-            losses[name] += enh.head.loss(target, enh.condition({"pixels": src}, None), draws).mean().item() / repeats
+            losses[name] += enh.loss(target, enh.condition({"pixels": src}, None), draws).mean().item() / repeats
     return losses
