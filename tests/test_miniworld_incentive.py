@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 
 from genhancer.miniworld import scenes
-from genhancer.miniworld.incentive import IncentiveRecipe, measure, oracle_condition, table
+from genhancer.miniworld.incentive import FAST, IncentiveRecipe, measure, oracle_condition, table
 
 TINY = IncentiveRecipe(train_images=200, val_images=48, steps=300, batch_size=16, size=32, latent_downsample=1,
-                       logit_normal_mean=1.0,
-                       repeats=2)
+                       denoiser="flux-tiny", denoiser_arch={"patch_size": 4}, logit_normal_mean=1.0, repeats=2)
 
 
 @pytest.fixture
@@ -45,8 +44,16 @@ def test_an_attribute_that_changes_no_pixel_has_no_swap_cost(invisible_mark):
 def test_the_encoders_condition_is_compared_with_zeros_and_other_scenes():
     from genhancer.miniworld.base import shipped_base
 
-    result = measure(IncentiveRecipe(train_images=64, val_images=16, steps=20, repeats=1), encoder=str(shipped_base()),
+    result = measure(FAST, encoder=str(shipped_base()),
                      encoder_swaps=False, progress=lambda *_: None)
     enc = result["encoder"]
     assert np.isfinite([enc["own_loss"], enc["zeros_loss"], enc["other_scene"]]).all()
     assert enc["gain_over_zeros"] == pytest.approx(100 * (enc["zeros_loss"] - enc["own_loss"]) / enc["own_loss"])
+
+
+def test_cli_measures_and_writes_the_table(tmp_path, capsys):
+    from genhancer.cli import main
+
+    assert main(["miniworld", "incentive", "--fast", "--encoder", "none", "--out", str(tmp_path)]) == 0
+    assert "| oracle |" in capsys.readouterr().out
+    assert "| oracle |" in (tmp_path / "incentive.md").read_text() and (tmp_path / "incentive.json").is_file()

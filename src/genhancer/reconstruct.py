@@ -8,9 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import load_checkpoint, load_run_config, resolve_checkpoint
 from .enhancer import Enhancer, apply_stage, build_enhancer
-from .checkpoint import load_run_config
 
 
 def load_enhancer(run: str | Path, device: str = "cpu") -> Enhancer:

@@ -18,11 +18,13 @@ Everything runs from tensors in memory (no data loader), single-threaded, in a f
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
+from genhancer.miniworld import demo
 from genhancer.miniworld.scenes import (ATTRIBUTES, SHAPES, SPLITS, Scene, other_value, render_many, sample_nuisance,
                                         scene_from_seed)
 
@@ -31,23 +33,37 @@ NUISANCE = ("background", "shift")
 
 @dataclass(frozen=True)
 class IncentiveRecipe:
-    """A stage-1 configuration to measure: the demo's by default."""
+    """A stage-1 configuration to measure (``stage1_of(demo.FULL)`` is the demo's)."""
 
     train_images: int = 2000
     val_images: int = 256
-    steps: int = 300
+    steps: int = 1200
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 10
     size: int = 64
     latent_downsample: int = 2
-    denoiser: str = "flux-tiny"
-    denoiser_arch: dict = field(default_factory=lambda: {"patch_size": 4})
+    denoiser: str = "flux-mini"
+    denoiser_arch: dict = field(default_factory=dict)
     timestep_sampling: str = "logit-normal"
-    logit_normal_mean: float = 0.0
+    logit_normal_mean: float = 1.0
     logit_normal_scale: float = 1.0
     repeats: int = 4  # noise draws per val scene
     seed: int = 0
+
+    @classmethod
+    def stage1_of(cls, recipe) -> "IncentiveRecipe":
+        """The stage 1 of a demo ``Recipe``."""
+        return cls(train_images=recipe.train_images, steps=recipe.stage1_steps, batch_size=recipe.batch_size,
+                   lr=recipe.stage1_lr, latent_downsample=recipe.latent_downsample, denoiser=recipe.denoiser,
+                   logit_normal_mean=recipe.logit_normal_mean)
+
+    def with_(self, **changes) -> "IncentiveRecipe":
+        return replace(self, **changes)
+
+
+DEMO = IncentiveRecipe.stage1_of(demo.FULL)
+FAST = DEMO.with_(train_images=64, val_images=16, steps=20, repeats=1)  # a smoke test: numbers meaningless
 
 
 def oracle_condition(scenes: list[Scene]) -> torch.Tensor:
@@ -168,19 +184,46 @@ def measure(recipe: IncentiveRecipe = IncentiveRecipe(), encoder: str | None = N
     return result
 
 
+@torch.no_grad()
+def read_costs(run_dir: str | Path, n: int = 256, repeats: int = 2, split: str = "val") -> dict:
+    """What a trained run's head reads through its own encoder: its loss on ``n`` scenes of ``split`` with each
+    scene's own condition, then (in % above it) with another scene's condition and with the condition of the scene
+    with one attribute changed in the image (the twin rendered and encoded; target and noise unchanged).
+
+    On a stage-1 run this is the base encoder's condition under the stage-1 head; on a stage-2 run, the tuned
+    encoder's condition under the same (frozen) head. Cheap: nothing is trained.
+    """
+    from genhancer.reconstruct import load_enhancer
+
+    enh = load_enhancer(run_dir).eval()
+    size = enh.image_size
+    rng = np.random.default_rng(0)
+    scenes = [scene_from_seed(SPLITS[split] + 5_000_000 + i) for i in range(n)]
+    pixels = _pixels(scenes, size)
+    target = enh.target({"pixels": pixels})
+    model = (enh.head, enh.objective)
+    cond = enh.condition({"pixels": pixels}, None)
+    own = val_loss(model, target, cond, repeats)
+    perm = torch.from_numpy(rng.permutation(n))
+    swap = {a: _pct(val_loss(model, target, enh.condition({"pixels": _pixels(_swapped(scenes, a, rng), size)}, None),
+                             repeats), own) for a in list(ATTRIBUTES) + list(NUISANCE)}
+    return {"own_loss": own, "other_scene": _pct(val_loss(model, target, cond[perm], repeats), own), "swap": swap}
+
+
 def _pct(loss: float, reference: float) -> float:
     return 100.0 * (loss - reference) / reference if reference > 0 and math.isfinite(loss) else float("nan")
 
 
-def table(result: dict) -> str:
-    """The swap-cost table in Markdown (loss increase in %, higher = more incentive)."""
+def table(rows: dict[str, dict]) -> str:
+    """Markdown: one row per named result that has a loss (``measure``'s oracle / encoder, ``read_costs``): its own
+    loss, then the loss increase (%) with another scene's condition and with each attribute swapped."""
     keys = list(ATTRIBUTES) + list(NUISANCE)
     lines = ["| condition | own loss | other scene | " + " | ".join(keys) + " |", "|---" * (len(keys) + 3) + "|"]
-    for name in ("oracle", "encoder"):
-        if name in result:
-            r = result[name]
-            swap = r.get("swap", {})
-            cells = [f"{swap[k]:+.2f}" if k in swap else "" for k in keys]
-            extra = f" (zeros {r['zeros_loss']:.4f}, {r['gain_over_zeros']:+.2f}%)" if "zeros_loss" in r else ""
-            lines.append(f"| {name} | {r['own_loss']:.4f}{extra} | {r['other_scene']:+.2f} | " + " | ".join(cells) + " |")
+    for name, r in rows.items():
+        if not isinstance(r, dict) or "own_loss" not in r:
+            continue
+        swap = r.get("swap", {})
+        cells = [f"{swap[k]:+.1f}" if k in swap else "" for k in keys]
+        extra = f" (zeros {r['zeros_loss']:.4f}: {r['gain_over_zeros']:+.1f}%)" if "zeros_loss" in r else ""
+        lines.append(f"| {name} | {r['own_loss']:.4f}{extra} | {r['other_scene']:+.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

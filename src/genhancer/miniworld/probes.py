@@ -85,36 +85,3 @@ def run_probes(model_dirs: list[str | Path], n_train: int = 2000, n_test: int = 
             table["average"] = float(np.mean(list(table.values())))
         results.append({"linear": linear, "blind_pairs": blind})
     return results
-
-
-@torch.no_grad()
-def condition_use(run_dir: str | Path, n: int = 256, repeats: int = 4, size: int = 64) -> dict[str, float]:
-    """How much a trained denoiser relies on its condition: its loss on probe scenes (same noise draws) when
-    conditioned on the scene itself, on the scene with a new background, with one attribute changed, and on
-    another scene. Equal losses mean the condition is ignored, and stage 2 then has little to transfer."""
-    from genhancer.miniworld.scenes import other_value
-    from genhancer.reconstruct import load_enhancer
-
-    enh = load_enhancer(run_dir).eval()
-    rng = np.random.default_rng(0)
-    scenes = [scene_from_seed(SPLITS["probe"] + 5_000_000 + i) for i in range(n)]
-    attributes = list(ATTRIBUTES)
-
-    def pixels(batch):
-        return torch.from_numpy(render_many(batch, size)).permute(0, 3, 1, 2).float() / 255
-
-    own = pixels(scenes)
-    sources = {
-        "own": own,
-        "new_background": pixels([s.with_(background=sample_nuisance(rng)["background"]) for s in scenes]),
-        "one_attribute_changed": pixels([s.with_(**{a: other_value(s, a, rng)})
-                                         for i, s in enumerate(scenes) for a in [attributes[i % len(attributes)]]]),
-        "other_scene": own[torch.randperm(n, generator=torch.Generator().manual_seed(0))],
-    }
-    target = enh.target({"pixels": own})
-    losses = {k: 0.0 for k in sources}
-    for r in range(repeats):
-        draws = enh.draw(n, torch.Generator().manual_seed(r))
-        for name, src in sources.items():
-            losses[name] += enh.loss(target, enh.condition({"pixels": src}, None), draws).mean().item() / repeats
-    return losses
