@@ -27,6 +27,45 @@ def test_shipped_base_loads_with_standard_from_pretrained_calls():
     assert out.logits_per_text.shape == (2, 2) and torch.isfinite(out.logits_per_text).all()
 
 
+def test_shipped_base_loads_with_every_standard_class():
+    import transformers as tf
+
+    path = str(shipped_base())
+    image = render(scene_from_seed(7))
+    vision = tf.CLIPVisionModel.from_pretrained(path).eval()
+    with_projection = tf.CLIPVisionModelWithProjection.from_pretrained(path).eval()
+    text = tf.CLIPTextModelWithProjection.from_pretrained(path).eval()
+    full = CLIPModel.from_pretrained(path).eval()
+    processor = tf.AutoProcessor.from_pretrained(path)
+    inputs = processor(text=["a photo of some red squares and a card"], images=[image], return_tensors="pt",
+                       padding=True)
+    with torch.no_grad():
+        image_embeds = with_projection(pixel_values=inputs["pixel_values"]).image_embeds
+        text_embeds = text(input_ids=inputs["input_ids"]).text_embeds
+        reference = full(**inputs)
+        hidden = vision(pixel_values=inputs["pixel_values"]).pooler_output
+    assert image_embeds.shape == text_embeds.shape == (1, 64) and hidden.shape == (1, 96)
+    unit = torch.nn.functional.normalize  # CLIPModel's output embeddings are normalised, the towers' are not
+    torch.testing.assert_close(unit(image_embeds, dim=-1), reference.image_embeds)
+    torch.testing.assert_close(unit(text_embeds, dim=-1), reference.text_embeds)
+    classify = tf.pipeline("zero-shot-image-classification", model=path)
+    labels = ["some red squares and a card", "some blue circles and a card"]
+    assert {r["label"] for r in classify(image, candidate_labels=labels)} == set(labels)
+
+
+def test_shipped_tokenizer_json_is_in_the_format_old_tokenizers_read():
+    import json
+
+    bpe = json.loads((shipped_base() / "tokenizer.json").read_text())["model"]
+    assert "ignore_merges" not in bpe and bpe["merges"] and all(isinstance(m, str) and m.count(" ") == 1
+                                                                 for m in bpe["merges"])
+    fast = CLIPTokenizer.from_pretrained(shipped_base())
+    from transformers import CLIPTokenizerFast
+
+    text = "a photo of three blue diamonds pointing left above a card showing the letter k"
+    assert CLIPTokenizerFast.from_pretrained(shipped_base())(text).input_ids == fast(text).input_ids
+
+
 @pytest.fixture(scope="module")
 def mmvp_dir(tmp_path_factory):
     return write_mmvp(tmp_path_factory.mktemp("mmvp") / "mmvp")

@@ -34,8 +34,8 @@ class Recipe:
     batch_size: int = 16
     stage2_batch_size: int = 32
     stage1_lr: float = 1e-3
-    stage2_lr: float = 1e-3
-    stage2_train_head: bool = False
+    stage2_lr: float = 5e-4
+    stage2_train_head: bool = True  # the paper's "all" (Fig. 9): the head co-adapts with the encoder
     lora_r: int = 16  # the paper's
     probe_train: int = 2000
     probe_test: int = 1000
