@@ -19,6 +19,7 @@ def test_every_variant_is_a_valid_run_config(study, tmp_path):
 def test_paper_variants_are_covered():
     assert len(STUDIES["timesteps"]) == 6 and len(STUDIES["condition"]) == 5
     assert set(STUDIES["finetune"]) == {"LoRA", "full"} and set(STUDIES["stages"]) == {"two-stage", "end-to-end"}
+    assert set(STUDIES["head"]) == {"frozen", "trained"}
 
 
 def test_summary_is_mean_and_std_over_seeds(tmp_path):
@@ -26,7 +27,7 @@ def test_summary_is_mean_and_std_over_seeds(tmp_path):
     rows += [{"variant": "LoRA", "seed": s, "final": True, "step": 2, "loss": 0.3, **dict.fromkeys(METRICS, v)}
              for s, v in enumerate((40.0, 60.0))]
     table = summarise(rows, [BASE, "LoRA"])
-    assert "| LoRA | 50.0 ± 10.0 | 50.0 ± 10.0 | 50.0 ± 10.0 | 2 |" in table
+    assert "| LoRA | " + " | ".join(["50.0 ± 10.0"] * len(METRICS)) + " | 2 |" in table
     plot(rows, [BASE, "LoRA"], "finetune", tmp_path / "plot.png")
     plot(rows, [BASE, "LoRA"], "curve", tmp_path / "curve.png")
     assert (tmp_path / "plot.png").is_file() and (tmp_path / "curve.png").is_file()
@@ -51,7 +52,7 @@ def test_denoiser_study_builds_continuous_and_discrete_configs(tmp_path):
             cfgs[name] = cfg
             assert VQ_DIR not in repr(cfg)
     cont, disc = cfgs.values()
-    assert (cont.model.latent, cont.model.denoiser) == ("pixel", "flux-tiny")
+    assert (cont.model.latent, cont.model.denoiser) == ("pixel", "flux-mini")
     assert (disc.model.latent, disc.model.denoiser) == ("vq", "perceiver-tiny")
     assert disc.model.latent_path == str(tmp_path / "vq")
     for field in ("optim", "train", "objective"):

@@ -1,8 +1,9 @@
 """The paper's ablations in miniature: each study is a list of variants (config overrides of the demo recipe),
-run over seeds on the shipped base CLIP (the demo's recipe at half the steps: 150 + 150) and scored on the held-out large MMVP benchmark and the text-free probes.
+run over seeds on the shipped base CLIP (the demo's recipe at half the steps: 600 + 300, stage 1 from images) and
+scored on the held-out large MMVP benchmark and the text-free probes.
 
 Studies (paper reference): ``timesteps`` (Table 4), ``condition`` (Fig. 5), ``stages`` (Fig. 6), ``finetune``
-(Fig. 8), ``size`` (Table 5), ``denoiser`` (Table 6: the continuous ``flux-tiny`` in the 2x-downsampled pixel space
+(Fig. 8), ``head`` (Fig. 9: the denoiser frozen or trained in stage 2), ``size`` (Table 5), ``denoiser`` (Table 6: the continuous ``flux-mini`` in the 2x-downsampled pixel space
 vs the discrete ``perceiver-tiny`` over a tiny f8 VQ tokenizer trained on the world's train images into
 ``<out>/vq``) and ``curve`` (reconstruction loss vs representation score across stage-2 training steps).
 Each writes ``results.jsonl`` (one line per run), ``table.md`` (mean +- std over seeds) and ``plot.png``.
@@ -46,17 +47,18 @@ STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "stages": {"two-stage": (), "end-to-end": ("stage.stage=e2e",)},
     "finetune": {"LoRA": ("stage.finetune=lora",), "full": ("stage.finetune=full",)},
+    "head": {"frozen": ("stage.train_head=false",), "trained": ("stage.train_head=true",)},
     "size": {f"n={n}": (f"model.denoiser_arch={{patch_size: 4, depth_double: {n}}}",) for n in (1, 2, 3)},
-    # perceiver-tiny widened to the flux-tiny head's width (64, 4 heads) with 4 layers: 0.31 M vs 0.34 M parameters
+    # perceiver-tiny widened to the flux-mini head's width (128, 4 heads) with 4 layers: 1.12 M vs 1.28 M parameters
     # (projector included); both see 64 tokens (8 x 8 VQ codes / 8 x 8 patches of the 32 px pixel space)
     "denoiser": {
-        "continuous (flux-tiny)": (),
+        "continuous (flux-mini)": (),
         "discrete (perceiver-tiny)": ("model.latent=vq", f"model.latent_path={VQ_DIR}", "model.denoiser=perceiver-tiny",
-                                      "model.denoiser_arch={width: 64, heads: 4, depth: 4}"),
+                                      "model.denoiser_arch={width: 128, heads: 4, depth: 4}"),
     },
     "curve": {"stage 2": ()},
 }
-METRICS = ("mmvp_large", "linear_probe", "blind_pairs")
+METRICS = ("mmvp_large", "blind_probe", "linear_probe", "blind_pairs")
 BASE = "base (not tuned)"
 
 
@@ -90,8 +92,11 @@ def _score(model_dir: Path, benchmark: Path, recipe) -> dict[str, float]:
     from genhancer.miniworld.benchmark import evaluate_mmvp
     from genhancer.miniworld.probes import run_probes
 
+    from genhancer.miniworld.demo import BLIND
+
     probes = run_probes([model_dir], recipe.probe_train, recipe.probe_test, recipe.probe_pairs)[0]
     return {"mmvp_large": evaluate_mmvp(model_dir, benchmark)["average"],
+            "blind_probe": float(np.mean([probes["linear"][a] for a in BLIND])),
             "linear_probe": probes["linear"]["average"], "blind_pairs": probes["blind_pairs"]["average"]}
 
 
@@ -159,7 +164,7 @@ def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fas
     if study not in STUDIES:
         raise ConfigError(f"unknown study '{study}': choose one of {', '.join(STUDIES)}")
     out = Path(out)
-    recipe = FAST if fast else replace(FULL, stage1_steps=150, stage2_steps=150, probe_train=1000, probe_test=500,
+    recipe = FAST if fast else replace(FULL, stage1_steps=600, stage2_steps=300, probe_train=1000, probe_test=500,
                                        probe_pairs=100)
     world = write_world(out / "world", recipe)
     vq_dir = world_vq(world["train"], out / "vq", steps=2 if fast else VQ_STEPS) if study == "denoiser" else None
