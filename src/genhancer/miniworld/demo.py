@@ -196,7 +196,7 @@ def demo(out: str | Path = "miniworld-demo", fast: bool = False, seed: int = 0) 
     mmvp = {label: evaluate_mmvp(model, world["mmvp"]) for label, model in models.items()}
     print("[6/7] what the denoiser reads through each encoder; reconstructions", flush=True)
     costs = {f"{LABELS[0]} encoder, stage-1 denoiser": read_costs(stage1, recipe.read_scenes),
-             f"{LABELS[1]} encoder, same denoiser": read_costs(stage2, recipe.read_scenes)}
+             f"{LABELS[1]} encoder, stage-2 denoiser": read_costs(stage2, recipe.read_scenes)}
     images = torch.from_numpy(render_many([scene_from_seed(SPLITS["probe"] + i) for i in range(8)]))
     recon = reconstruction_figure(stage2, images.permute(0, 3, 1, 2).float() / 255, out / "reconstructions.png",
                                   recipe.recon_steps)
@@ -214,9 +214,10 @@ def demo(out: str | Path = "miniworld-demo", fast: bool = False, seed: int = 0) 
               f"## MMVP-VLM, large ({15 * recipe.large_parts} pairs per pattern)\n\n"
               f"{mmvp_table(large[LABELS[0]], large[LABELS[1]], LABELS)}\n\n"
               f"## MMVP-VLM (15 pairs per pattern)\n\n{mmvp_table(mmvp[LABELS[0]], mmvp[LABELS[1]], LABELS)}\n\n"
-              "## What the denoiser reads through each encoder\n\nLoss of the stage-1 denoiser on 'val' scenes with "
-              "each scene's own condition, and how much it rises (%) with another scene's condition or with one "
-              "attribute changed in the image (docs/miniworld.md: the oracle incentive table).\n\n"
+              "## What the denoiser reads through each encoder\n\nLoss of each stage's denoiser on 'val' scenes with "
+              "each scene's own condition from that stage's encoder, and how much it rises (%) with another scene's "
+              "condition or with one attribute changed in the image. What an oracle condition would be paid for "
+              "each attribute: docs/miniworld.md (incentive).\n\n"
               f"{table(costs)}\n")
     (out / "report.md").write_text(
         f"# GenHancer in the miniature world\n\nBase: the shipped tiny CLIP. Seed {seed}, "

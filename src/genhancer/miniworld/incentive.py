@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
+from genhancer.latents import PixelSpace
 from genhancer.miniworld import demo
 from genhancer.miniworld.scenes import (ATTRIBUTES, SHAPES, SPLITS, Scene, other_value, render_many, sample_nuisance,
                                         scene_from_seed)
@@ -85,7 +86,6 @@ def _model(recipe: IncentiveRecipe, cond_dim: int):
     """A fresh head (projectors + network) and the rectified-flow objective of ``recipe``."""
     from genhancer.config import ObjectiveConfig
     from genhancer.enhancer import build_head
-    from genhancer.latents import PixelSpace
     from genhancer.objectives import RectifiedFlow
 
     objective = RectifiedFlow(ObjectiveConfig(timestep_sampling=recipe.timestep_sampling,
@@ -134,16 +134,13 @@ def _swapped(scenes: list[Scene], attribute: str, rng: np.random.Generator) -> l
     return [s.with_(**{attribute: other_value(s, attribute, rng)}) for s in scenes]
 
 
-def _encoder_condition(backbone_dir: str, pixels: torch.Tensor) -> torch.Tensor:
-    from genhancer.backbones import build_backbone
-    from genhancer.config import ModelConfig
-
-    backbone = build_backbone(ModelConfig(backbone=backbone_dir)).eval()
-    with torch.no_grad():
-        return torch.cat([backbone(pixels[i:i + 256], None) for i in range(0, len(pixels), 256)])
+@torch.no_grad()
+def _encode(backbone, pixels: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) in [0, 1] -> the backbone's global-token condition (N, 1, D)."""
+    return torch.cat([backbone(pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
 
 
-def measure(recipe: IncentiveRecipe = IncentiveRecipe(), encoder: str | None = None, encoder_swaps: bool = True,
+def measure(recipe: IncentiveRecipe = DEMO, encoder: str | None = None, encoder_swaps: bool = True,
             progress=print) -> dict:
     """Swap costs (%) of the oracle condition and, given ``encoder`` (a CLIP folder), the encoder's condition value.
 
@@ -151,8 +148,6 @@ def measure(recipe: IncentiveRecipe = IncentiveRecipe(), encoder: str | None = N
     """
     train = [scene_from_seed(SPLITS["train"] + i) for i in range(recipe.train_images)]
     val = [scene_from_seed(SPLITS["val"] + i) for i in range(recipe.val_images)]
-    from genhancer.latents import PixelSpace
-
     latent = PixelSpace(recipe.latent_downsample)
     train_px, val_px = _pixels(train, recipe.size), _pixels(val, recipe.size)
     train_t, val_t = latent.encode(train_px * 2 - 1), latent.encode(val_px * 2 - 1)
@@ -170,7 +165,11 @@ def measure(recipe: IncentiveRecipe = IncentiveRecipe(), encoder: str | None = N
                         "swap": {a: _pct(v, own) for a, v in swaps.items()}}
     if encoder is not None:
         progress("incentive: training heads on the encoder's condition and on zeros")
-        enc_train, enc_val = _encoder_condition(encoder, train_px), _encoder_condition(encoder, val_px)
+        from genhancer.backbones import build_backbone
+        from genhancer.config import ModelConfig
+
+        backbone = build_backbone(ModelConfig(backbone=encoder)).eval()
+        enc_train, enc_val = _encode(backbone, train_px), _encode(backbone, val_px)
         head = train_head(recipe, enc_train, train_t)
         zeros = train_head(recipe, torch.zeros_like(enc_train), train_t)
         own = val_loss(head, val_t, enc_val, recipe.repeats)
@@ -178,8 +177,8 @@ def measure(recipe: IncentiveRecipe = IncentiveRecipe(), encoder: str | None = N
         enc["gain_over_zeros"] = _pct(enc["zeros_loss"], own)
         enc["other_scene"] = _pct(val_loss(head, val_t, enc_val[perm], recipe.repeats), own)
         if encoder_swaps:
-            enc["swap"] = {a: _pct(val_loss(head, val_t, _encoder_condition(
-                encoder, _pixels(_swapped(val, a, rng), recipe.size)), recipe.repeats), own) for a in ATTRIBUTES}
+            enc["swap"] = {a: _pct(val_loss(head, val_t, _encode(
+                backbone, _pixels(_swapped(val, a, rng), recipe.size)), recipe.repeats), own) for a in ATTRIBUTES}
         result["encoder"] = enc
     return result
 
