@@ -17,7 +17,10 @@ def test_fast_demo_runs_end_to_end(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["mmvp"]) == {"Original", "GenHancer"}
     assert (out / "enhanced" / "config.json").is_file()
-    assert "GenHancer" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert report.index("## Summary") < report.index("probe") < report.index("MMVP-VLM, large")
+    assert "| oracle |" in report and "Original encoder, stage-1 denoiser" in report and str(out / "enhanced") in report
+    assert set(results["reconstruction_mse"]) == {"own", "other"} and results["threads"] == 1
 
     from genhancer.miniworld.incentive import read_costs
 
