@@ -102,7 +102,7 @@ def test_rope_preserves_norms_and_depends_on_relative_position(r, c, shift):
 
 def test_presets_are_well_formed():
     flux = {name: p.arch for name, p in DENOISERS.items() if p.family == "flux"}
-    assert set(flux) == {"flux-paper", "flux-n1", "flux-n3", "flux-n4", "flux-small", "flux-tiny"}
+    assert set(flux) == {"flux-paper", "flux-n1", "flux-n3", "flux-n4", "flux-small", "flux-mini", "flux-tiny"}
     for name, arch in flux.items():
         assert sum(arch.axes_dim) == arch.hidden // arch.heads, name
     assert dataclasses.replace(flux["flux-paper"]).depth_single is None
