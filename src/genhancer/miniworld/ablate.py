@@ -1,6 +1,6 @@
 """The paper's ablations in miniature: each study is a list of variants (config overrides of the demo recipe),
-run over seeds on the shipped base CLIP (the demo's recipe at half the steps: 600 + 300, stage 1 from images) and
-scored on the held-out large MMVP benchmark and the text-free probes.
+run over seeds on the shipped base CLIP (the demo's full recipe, stage 1 from images: at half the steps no variant
+moved the probes, docs/miniworld.md) and scored on the held-out large MMVP benchmark and the text-free probes.
 
 Studies (paper reference): ``timesteps`` (Table 4), ``condition`` (Fig. 5), ``stages`` (Fig. 6), ``finetune``
 (Fig. 8), ``head`` (Fig. 9: the denoiser frozen or trained in stage 2), ``size`` (Table 5), ``denoiser`` (Table 6: the continuous ``flux-mini`` in the 2x-downsampled pixel space
@@ -164,7 +164,7 @@ def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fas
     if study not in STUDIES:
         raise ConfigError(f"unknown study '{study}': choose one of {', '.join(STUDIES)}")
     out = Path(out)
-    recipe = FAST if fast else replace(FULL, stage1_steps=600, stage2_steps=300, probe_train=1000, probe_test=500,
+    recipe = FAST if fast else replace(FULL, probe_train=1000, probe_test=500,
                                        probe_pairs=100)
     world = write_world(out / "world", recipe)
     vq_dir = world_vq(world["train"], out / "vq", steps=2 if fast else VQ_STEPS) if study == "denoiser" else None
