@@ -74,3 +74,9 @@ def test_denoiser_study_builds_continuous_and_discrete_configs(tmp_path):
 def test_unknown_study_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="unknown study"):
         ablate("nope", out=tmp_path)
+
+
+def test_unknown_variant_is_rejected_with_the_choices(tmp_path):
+    with pytest.raises(ConfigError, match="unknown variant 'LoRa' of study 'finetune': choose among 'LoRA', 'full'"):
+        ablate("finetune", out=tmp_path, variants=("LoRa",))
+    assert not any(tmp_path.iterdir())

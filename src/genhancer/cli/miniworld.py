@@ -74,6 +74,8 @@ def add_commands(sub) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default=None, help="output folder (default: miniworld-ablate-<study>)")
     p.add_argument("--fast", action="store_true", help="a few steps per run (smoke test)")
+    p.add_argument("--variants", nargs="+", default=(), metavar="NAME",
+                   help="run only these variants of the study (quoted names, as in its table; default: all)")
     p.set_defaults(func=run_ablate)
 
 
@@ -176,4 +178,5 @@ def run_ablate(args) -> None:
         raise ConfigError(f"unknown study '{args.study}': choose one of {', '.join(STUDIES)}")
     _positive("seeds", args.seeds)
     _pin(args)
-    ablate(args.study, seeds=args.seeds, out=args.out or f"miniworld-ablate-{args.study}", fast=args.fast)
+    ablate(args.study, seeds=args.seeds, out=args.out or f"miniworld-ablate-{args.study}", fast=args.fast,
+           variants=tuple(args.variants))

@@ -1,6 +1,7 @@
 """The paper's ablations in miniature: each study is a list of variants (config overrides of the demo recipe),
-run over seeds on the shipped base CLIP (the demo's full recipe, stage 1 from images: at half the steps no variant
-moved the probes, docs/miniworld.md) and scored on the held-out large MMVP benchmark and the text-free probes.
+run over seeds on the shipped base CLIP with the demo's protocol (its full recipe, stage 1 from the encoder cache, its
+probe sizes: at half the steps no variant moved the probes, docs/miniworld.md) and scored on the held-out large MMVP
+benchmark and the text-free probes, so that a study's rows compare with the demo's.
 
 Studies (paper reference): ``timesteps`` (Table 4), ``condition`` (Fig. 5), ``stages`` (Fig. 6), ``finetune``
 (Fig. 8), ``head`` (Fig. 9: the denoiser frozen or trained in stage 2), ``size`` (Table 5), ``denoiser`` (Table 6: the continuous ``flux-mini`` in the 2x-downsampled pixel space
@@ -58,7 +59,7 @@ STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "curve": {"stage 2": ()},
 }
-METRICS = ("mmvp_large", "blind_probe", "linear_probe", "blind_pairs")
+METRICS = ("blind_probe", "mmvp_large", "coarse_probe", "blind_pairs", "linear_probe")
 BASE = "base (not tuned)"
 
 
@@ -92,27 +93,32 @@ def _score(model_dir: Path, benchmark: Path, recipe) -> dict[str, float]:
     from genhancer.miniworld.benchmark import evaluate_mmvp
     from genhancer.miniworld.probes import run_probes
 
-    from genhancer.miniworld.demo import BLIND
+    from genhancer.miniworld.demo import BLIND, COARSE
 
     probes = run_probes([model_dir], recipe.probe_train, recipe.probe_test, recipe.probe_pairs)[0]
     return {"mmvp_large": evaluate_mmvp(model_dir, benchmark)["average"],
             "blind_probe": float(np.mean([probes["linear"][a] for a in BLIND])),
+            "coarse_probe": float(np.mean([probes["linear"][a] for a in COARSE])),
             "linear_probe": probes["linear"]["average"], "blind_pairs": probes["blind_pairs"]["average"]}
 
 
 def run_variant(overrides: tuple[str, ...], seed: int, world: dict[str, Path], work: Path, recipe) -> list[dict]:
     """Train one variant with one seed; returns its scores (several rows for the ``curve`` study)."""
+    from genhancer.cache import build_cache
     from genhancer.export import export_model
     from genhancer.miniworld.base import shipped_base
     from genhancer.miniworld.demo import run_config
     from genhancer.trainer import train
 
     base = str(shipped_base())
-    if "stage.stage=e2e" in overrides:
+    if "stage.stage=e2e" in overrides:  # every step tunes the encoder: no cache
         e2e = replace(recipe, stage2_steps=recipe.stage1_steps + recipe.stage2_steps)
         final = train(run_config(e2e, base, world["train"], work / "e2e", "stage2", seed=seed, extra=overrides))
     else:
-        stage1 = train(run_config(recipe, base, world["train"], work / "stage1", "stage1", seed=seed, extra=overrides))
+        cfg1 = run_config(recipe, base, world["train"], work / "stage1", "stage1", seed=seed, extra=overrides)
+        cache = build_cache(cfg1, work / "cache", log=lambda *_: None)
+        stage1 = train(run_config(recipe, base, cache, work / "stage1", "stage1", seed=seed, extra=overrides))
+        shutil.rmtree(cache)
         final = train(run_config(recipe, base, world["train"], work / "stage2", "stage2", stage1, seed=seed,
                                  extra=overrides))
     checkpoints = sorted((final / "checkpoints").glob("step-*"))
@@ -156,25 +162,31 @@ def plot(rows: list[dict], variants: list[str], study: str, path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fast: bool = False) -> Path:
-    """Run every variant of ``study`` with seeds 0..seeds-1; write results.jsonl, table.md and plot.png."""
+def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fast: bool = False,
+           variants: tuple[str, ...] = ()) -> Path:
+    """Run the ``variants`` of ``study`` (default: all) with seeds 0..seeds-1 against the base; write results.jsonl,
+    table.md and plot.png."""
     from genhancer.miniworld.base import shipped_base
     from genhancer.miniworld.demo import FAST, FULL, write_world
 
     if study not in STUDIES:
         raise ConfigError(f"unknown study '{study}': choose one of {', '.join(STUDIES)}")
+    unknown = [v for v in variants if v not in STUDIES[study]]
+    if unknown:
+        raise ConfigError(f"unknown variant '{unknown[0]}' of study '{study}': choose among "
+                          + ", ".join(f"'{v}'" for v in STUDIES[study]))
+    chosen = {name: o for name, o in STUDIES[study].items() if not variants or name in variants}
     out = Path(out)
-    recipe = FAST if fast else replace(FULL, probe_train=1000, probe_test=500,
-                                       probe_pairs=100)
+    recipe = FAST if fast else FULL
     world = write_world(out / "world", recipe)
     vq_dir = world_vq(world["train"], out / "vq", steps=2 if fast else VQ_STEPS) if study == "denoiser" else None
-    variants = {BASE: (), **STUDIES[study]}
+    names = [BASE, *chosen]
     rows = [{"variant": BASE, "seed": 0, "final": True, "step": 0, "loss": float("nan"),
              **_score(shipped_base(), world["mmvp-large"], recipe)}]
     (out / "results.jsonl").write_text(json.dumps(rows[0]) + "\n")
     if study == "curve":
         every = ("train.save_every=" + str(max(1, recipe.stage2_steps // 5)), "train.keep_last=100")
-    for name, overrides in STUDIES[study].items():
+    for name, overrides in chosen.items():
         if study == "curve":
             overrides = (*overrides, *every)
         overrides = resolve(overrides, vq_dir)
@@ -189,10 +201,10 @@ def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fas
                 f.writelines(json.dumps(r) + "\n" for r in rows[-len(result):])
             for export in work.glob("export-*"):
                 shutil.rmtree(export)
-    table = summarise(rows, list(variants))
+    table = summarise(rows, names)
     (out / "table.md").write_text(f"# Ablation '{study}' ({seeds} seeds; stage 1 {recipe.stage1_steps} + "
                                   f"stage 2 {recipe.stage2_steps} steps)\n\n"
                                   f"{table}\n")
-    plot(rows, list(variants), study, out / "plot.png")
+    plot(rows, names, study, out / "plot.png")
     print(table)
     return out
