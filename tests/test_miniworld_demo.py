@@ -58,3 +58,13 @@ def test_generate_writes_images_with_labels_and_captions(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in rows] == [0, 1, 2] and all((tmp_path / r["file"]).is_file() for r in rows)
     assert rows[0]["attributes"]["shape"] in rows[0]["caption"]
+
+
+def test_library_and_cli_caption_at_the_same_rates(tmp_path):
+    """``write_folder``'s default is the CLI's: the per-attribute rates the shipped base was pretrained with."""
+    from genhancer.cli import main
+    from genhancer.miniworld.scenes import write_folder
+
+    write_folder(tmp_path / "lib", 40, size=16)
+    assert main(["miniworld", "generate", "--out", str(tmp_path / "cli"), "--num", "40", "--size", "16"]) == 0
+    assert (tmp_path / "lib" / "labels.jsonl").read_text() == (tmp_path / "cli" / "labels.jsonl").read_text()

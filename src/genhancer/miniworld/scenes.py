@@ -290,9 +290,11 @@ def render_many(scenes: list[Scene], size: int = 64) -> np.ndarray:
     return np.stack([np.asarray(render(s, size)) for s in scenes])
 
 
-def write_folder(out: str | Path, num: int, first_seed: int = SPLITS["train"], size: int = 64, p: float = 0.15) -> Path:
+def write_folder(out: str | Path, num: int, first_seed: int = SPLITS["train"], size: int = 64,
+                 p: float | None = None) -> Path:
     """Render scenes ``first_seed .. first_seed + num - 1`` to ``out/<seed>.png``, with ``out/labels.jsonl``: one
-    line per image with its seed, attributes and a caption (mentioning each fine attribute with probability ``p``)."""
+    line per image with its seed, attributes and a caption (mentioning each attribute with probability ``p``;
+    default: the per-attribute rates ``MENTION``, as the shipped base was pretrained)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(first_seed)
