@@ -26,11 +26,13 @@ SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 @dataclass(frozen=True)
 class BackbonePreset:
-    """A registered backbone: its architecture config (shipped) and the hub id of its weights."""
+    """A registered backbone: its architecture config (shipped), the hub id of its weights and their licence (the
+    hub's licence identifier, when the weights' model card declares one)."""
 
     name: str
     hub_id: str
     config: dict
+    license: str | None = None
 
     @property
     def family(self) -> str:
@@ -42,7 +44,7 @@ def _load_presets() -> dict[str, BackbonePreset]:
     for entry in resources.files("genhancer").joinpath("configs", "backbones").iterdir():
         if entry.name.endswith(".json"):
             cfg = json.loads(entry.read_text())
-            presets[entry.name[:-5]] = BackbonePreset(entry.name[:-5], cfg.pop("_hub_id"), cfg)
+            presets[entry.name[:-5]] = BackbonePreset(entry.name[:-5], cfg.pop("_hub_id"), cfg, cfg.pop("_license", None))
     return dict(sorted(presets.items()))
 
 

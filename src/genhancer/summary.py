@@ -20,6 +20,11 @@ def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
+def own(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The module's parameters without the LoRA adapters added to it."""
+    return [p for n, p in module.named_parameters() if "lora_" not in n]
+
+
 def _images(cfg: RunConfig, epoch_size: int | None, global_batch: int) -> str:
     d = cfg.data
     if d.source == "folder":
@@ -71,13 +76,15 @@ def describe_run(cfg: RunConfig, enh: Enhancer, acc: Accelerator, loader, step: 
     model = enh.backbone.model
     head_params = _count(enh.head.parameters())
     world = acc.num_processes
+    lora = _count(p for n, p in model.named_parameters() if "lora_" in n)
+    lora = f" (+{lora:,} LoRA)" if lora else ""
     weights = "" if m.random_init or resolve_source(m) == m.backbone else f"; weights from {resolve_source(m)}"
     device = f"{acc.device}" + (f" x {world} processes" if world > 1 else "")
     if acc.device.type == "cpu":
         device += f", {torch.get_num_threads()} torch thread(s)"
     lines = [
-        f"backbone    {m.backbone} ({enh.backbone.family}, {enh.image_size}px): {_count(model.parameters()):,} "
-        f"parameters, vision tower {_count(enh.backbone.vision.parameters()):,}{weights}",
+        f"backbone    {m.backbone} ({enh.backbone.family}, {enh.image_size}px): {_count(own(model)):,} "
+        f"parameters, vision tower {_count(own(enh.backbone.vision)):,}{lora}{weights}",
         f"trainable   {_count(p for p in enh.parameters() if p.requires_grad):,} parameters ({cfg.stage.stage}"
         f"{', ' + cfg.stage.finetune + ' on the encoder' if cfg.stage.stage != 'stage1' else ', encoder frozen'})",
         f"denoiser    {m.denoiser}: {head_params:,} parameters with its projectors; condition {m.condition}",

@@ -149,4 +149,11 @@ def run_compare(args) -> None:
     )  # fmt: skip
     plan.check()  # fail on bad data before spending time on the first model
     report.compare(args.base, args.enhanced, plan, args.out, tuple(args.labels), args.device, args.dtype)
-    print((Path(args.out) / "report.md").read_text())
+    text = (Path(args.out) / "report.md").read_text()
+    print(text)
+    card = Path(args.enhanced) / "README.md"
+    if (Path(args.enhanced) / "genhancer.json").is_file() and card.is_file():  # a genhancer export
+        from genhancer.modelcard import add_results, results_section
+
+        add_results(card, results_section(text, args.base, tuple(args.labels)))
+        print(f"added these results to the model card {card}")
