@@ -53,8 +53,8 @@ def vision_tower(model: nn.Module) -> nn.Module:
         cls, parts = SiglipVisionModel, ("vision_model",)
     with torch.device("meta"):
         tower = cls(config)
-    for part in parts:
-        getattr(tower, part).load_state_dict(getattr(model, part).state_dict(), assign=True)
+    for part in parts:  # transformers 5's SiglipVisionModel is the vision transformer itself
+        getattr(tower, part, tower).load_state_dict(getattr(model, part).state_dict(), assign=True)
     return tower.eval()
 
 
