@@ -27,6 +27,14 @@ CLIP_CONTEXT = 77  # the reference evaluation's max_length for CLIP tokenizers
 RUN_MARKERS = ("config.yaml", "state.json", "checkpoints")  # what a `genhancer train` run or checkpoint folder holds
 
 
+def check_not_a_run(name_or_path: str) -> None:
+    """Refuse a training run's folder where a model is expected, naming the export that makes one."""
+    folder = Path(name_or_path)
+    if not (folder / "config.json").is_file() and any((folder / n).exists() for n in RUN_MARKERS):
+        raise ConfigError(f"{name_or_path!r} is a genhancer run folder, not a model: export it first "
+                          f"(genhancer export {name_or_path} OUT) and evaluate OUT")
+
+
 def processor_size(processor) -> int | None:
     """The side of the square images an image processor outputs (None when it does not make them square)."""
     size = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
@@ -170,10 +178,7 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "fp32") -> 
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    folder = Path(name_or_path)
-    if not (folder / "config.json").is_file() and any((folder / n).exists() for n in RUN_MARKERS):
-        raise ConfigError(f"{name_or_path!r} is a genhancer run folder, not a model: export it first "
-                          f"(genhancer export {name_or_path} OUT) and evaluate OUT")
+    check_not_a_run(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError):
