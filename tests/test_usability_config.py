@@ -125,3 +125,12 @@ def test_train_on_a_folder_of_images_without_data_source(tiny_clip, overrides, t
     assert main(["train", *args, f"data.path={images(tmp_path / 'imgs', 8)}"]) == 0
     assert "8 image files under" in capsys.readouterr().out
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["source"] == "folder"
+
+
+def test_recipes_shows_one_recipe(capsys):
+    assert main(["recipes", "metaclip-vit-l-14-224-stage1"]) == 0
+    out = capsys.readouterr().out
+    shown = yaml.safe_load(out)
+    assert shown["model"]["backbone"] == "metaclip-vit-l-14-224" and shown["stage"]["stage"] == "stage1"
+    assert out.rstrip().endswith("genhancer config -c metaclip-vit-l-14-224-stage1")
+    assert main(["recipes", "no-such-recipe"]) == 2

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import CheckpointError, ConfigError, TrainingError
-from ..recipes import load_recipe, recipe_names
+from ..recipes import load_recipe, recipe_names, recipe_path
 from . import eval as eval_cli
 from . import miniworld as miniworld_cli
 from . import perf as perf_cli
@@ -61,7 +61,11 @@ def cmd_info(args) -> None:
 
 
 def cmd_recipes(args) -> None:
-    print("\n".join(recipe_names()))
+    if args.name is None:
+        print("\n".join(recipe_names()))
+        return
+    print(recipe_path(args.name).read_text().rstrip())
+    print(f"# every key, resolved: genhancer config -c {args.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--denoiser", nargs="*", choices=list(DENOISERS), help="default: all")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("recipes", help="list the shipped YAML recipes")
+    p = sub.add_parser("recipes", help="list the shipped YAML recipes, or show one")
+    p.add_argument("name", nargs="?", help="a recipe to print (default: list them all)")
     p.set_defaults(func=cmd_recipes)
 
     for area in (eval_cli, miniworld_cli, vq_cli, perf_cli):
