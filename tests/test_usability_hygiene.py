@@ -1,11 +1,13 @@
 """Project hygiene (licence, citation, one version, py.typed, changelog, demo installs) and quiet output."""
 
+import importlib.util
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 import genhancer
@@ -86,3 +88,21 @@ def test_a_stage2_run_prints_no_third_party_noise(tiny_clip, overrides, tmp_path
     output = proc.stdout + proc.stderr
     assert not [n for n in noise if n in output], output
     assert "precision bf16" in proc.stdout and "train.precision=fp32 is usually faster on CPU" in proc.stdout
+
+
+@pytest.mark.parametrize("module, code, line", [
+    ("torchvision", "from transformers import CLIPImageProcessor", "falling back to"),
+    ("deepspeed", "import deepspeed", "Setting accelerator to CPU"),
+])
+def test_third_party_lines_are_silenced(module, code, line):
+    installed = importlib.util.find_spec(module) is not None
+    if installed == (module == "torchvision"):  # the fallback needs torchvision absent, DeepSpeed's line DeepSpeed
+        pytest.skip(f"{module} is {'' if installed else 'not '}installed")
+
+    def output(prefix: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", prefix + code], capture_output=True, text=True, check=True)
+        return proc.stdout + proc.stderr
+
+    if line not in output(""):
+        pytest.skip("this environment does not print the line")
+    assert line not in output("from genhancer.quiet import silence_third_party; silence_third_party(); ")
