@@ -133,7 +133,8 @@ def test_base_model_is_the_hub_id_for_the_readmes_recipe():
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("/root/.cache/huggingface/hub/models--openai--clip-vit-base-patch32/snapshots/3d74acf9", "openai/clip-vit-base-patch32"),
+    ("/root/.cache/huggingface/hub/models--openai--clip-vit-base-patch32/snapshots/3d74acf9",
+     "openai/clip-vit-base-patch32"),
     ("google/siglip-base-patch16-224", "google/siglip-base-patch16-224"),
     ("/models/my-clip", None),
 ])

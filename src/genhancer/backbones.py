@@ -44,7 +44,8 @@ def _load_presets() -> dict[str, BackbonePreset]:
     for entry in resources.files("genhancer").joinpath("configs", "backbones").iterdir():
         if entry.name.endswith(".json"):
             cfg = json.loads(entry.read_text())
-            presets[entry.name[:-5]] = BackbonePreset(entry.name[:-5], cfg.pop("_hub_id"), cfg, cfg.pop("_license", None))
+            name = entry.name[:-5]
+            presets[name] = BackbonePreset(name, cfg.pop("_hub_id"), cfg, cfg.pop("_license", None))
     return dict(sorted(presets.items()))
 
 
@@ -58,7 +59,9 @@ def _classes(family: str):
         return CLIPConfig, CLIPModel
     if family == "siglip":
         return SiglipConfig, SiglipModel
-    raise ConfigError(f"model type '{family}' is not a CLIP or SigLIP model: genhancer enhances CLIPModel / SiglipModel")
+    tower = " (a vision tower alone: give the whole model's folder)" if family.endswith("_vision_model") else ""
+    raise ConfigError(f"model type '{family}' is not a CLIP or SigLIP model{tower}: genhancer enhances CLIPModel / "
+                      "SiglipModel")
 
 
 def build_from_config(config: dict) -> nn.Module:

@@ -59,7 +59,7 @@ def vision_tower(model: nn.Module) -> nn.Module:
 
 
 def export_model(run: str | Path, out_dir: str | Path, vision_only: bool = False) -> Path:
-    """Merge the run's encoder weights into its source model and write it to ``out_dir`` (which must be new or empty)."""
+    """Merge the run's encoder weights into its source model and write it to ``out_dir`` (new or empty)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export folder '{out}' is not empty: choose a new folder or remove it")

@@ -16,7 +16,6 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from . import config as config_module
 from .config import RunConfig
 
 # Fields whose line in config.py has no trailing comment.
