@@ -92,3 +92,15 @@ def test_eval_compare_on_a_run_folder_says_export_it_first(tiny_clip, overrides,
 def test_threads_must_be_positive(tiny_clip, overrides, tmp_path, capsys):
     code, err = run_cli(["train", "--threads", "0", *overrides(tiny_clip, tmp_path / "run")], capsys)
     assert code == 2 and "--threads 0" in err[0] and not (tmp_path / "run").exists()
+
+
+def test_evaluating_a_vae_folder(vae_folder, tmp_path, capsys):
+    code, err = run_cli(["eval", "mmvp", "--model", vae_folder, "--benchmark", make_mmvp(tmp_path / "mmvp"),
+                         "--out", tmp_path / "out"], capsys)
+    assert code == 2 and len(err) == 1 and "is not a transformers model folder" in err[0]
+
+
+def test_exporting_onto_a_file(tmp_path, capsys):
+    (tmp_path / "model.bin").write_text("mine")
+    code, err = run_cli(["export", tmp_path / "run", tmp_path / "model.bin"], capsys)
+    assert code == 2 and "is a file" in err[0] and (tmp_path / "model.bin").read_text() == "mine"

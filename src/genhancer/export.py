@@ -62,7 +62,8 @@ def export_model(run: str | Path, out_dir: str | Path, vision_only: bool = False
     """Merge the run's encoder weights into its source model and write it to ``out_dir`` (new or empty)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"export folder '{out}' is not empty: choose a new folder or remove it")
+        what = "is not empty" if out.is_dir() else "is a file"
+        raise ConfigError(f"export folder '{out}' {what}: choose a new folder or remove it")
     ckpt = resolve_checkpoint(run)
     cfg = load_run_config(ckpt)
     if cfg.stage.stage == "stage1":

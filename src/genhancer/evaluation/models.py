@@ -182,8 +182,9 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "fp32") -> 
     try:
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError):
+        what = "is not a transformers model folder" if (Path(name_or_path) / "config.json").is_file() else "not found"
         raise ConfigError(
-            f"model {name_or_path!r} not found: give a save_pretrained CLIP/SigLIP directory or a hub id already "
+            f"model {name_or_path!r} {what}: give a save_pretrained CLIP/SigLIP directory or a hub id already "
             "in the local cache (nothing is downloaded)"
         ) from None
     family = config.model_type
