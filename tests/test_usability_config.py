@@ -134,3 +134,9 @@ def test_recipes_shows_one_recipe(capsys):
     assert shown["model"]["backbone"] == "metaclip-vit-l-14-224" and shown["stage"]["stage"] == "stage1"
     assert out.rstrip().endswith("genhancer config -c metaclip-vit-l-14-224-stage1")
     assert main(["recipes", "no-such-recipe"]) == 2
+
+
+def test_config_shows_the_detected_source(tmp_path, capsys):
+    assert main(["config", "--changed", f"data.path={images(tmp_path / 'imgs')}"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^data.source = folder +# str, default webdataset", out, re.M) and "not ready" not in out

@@ -24,18 +24,22 @@ def cmd_train(args) -> None:
 
 
 def cmd_config(args) -> None:
-    from ..config import validate
+    from ..config import detect_source, validate
     from ..keys import config_table, reference_markdown
 
     if args.reference:
         print(reference_markdown())
         return
     cfg = load_recipe(args.config, args.overrides, check=False)
-    print(config_table(cfg, changed_only=args.changed))
-    try:
+    try:  # what `train` would check, reported after the table instead of instead of it
+        detect_source(cfg.data)
         validate(cfg)
+        problem = None
     except ConfigError as e:
-        print(f"\n# not ready to train yet: {e}")
+        problem = e
+    print(config_table(cfg, changed_only=args.changed))
+    if problem:
+        print(f"\n# not ready to train yet: {problem}")
 
 
 def cmd_export(args) -> None:
