@@ -31,7 +31,7 @@ def cmd_config(args) -> None:
         print(reference_markdown())
         return
     cfg = load_recipe(args.config, args.overrides, check=False)
-    try:  # what `train` would check, reported after the table instead of instead of it
+    try:  # what `train` checks, reported after the table rather than instead of it
         detect_source(cfg.data)
         validate(cfg)
         problem = None
