@@ -104,3 +104,13 @@ def test_exporting_onto_a_file(tmp_path, capsys):
     (tmp_path / "model.bin").write_text("mine")
     code, err = run_cli(["export", tmp_path / "run", tmp_path / "model.bin"], capsys)
     assert code == 2 and "is a file" in err[0] and (tmp_path / "model.bin").read_text() == "mine"
+
+
+def test_running_out_of_memory_in_eval_names_its_batch_size(monkeypatch, tmp_path, capsys):
+    import genhancer.evaluation.mmvp as mmvp
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(mmvp, "load_benchmark", no_memory)
+    code, err = run_cli(["eval", "mmvp", "--model", tmp_path, "--benchmark", tmp_path], capsys)
+    assert code == 2 and len(err) == 1 and "out of memory" in err[0] and "lower --batch-size" in err[0]

@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
-        print(f"error: out of memory ({_first_line(e)}): lower train.batch_size (raise train.grad_accum to keep the "
-              "global batch), pick a smaller model.denoiser (`genhancer info`) or --batch-size", file=sys.stderr)
+        fix = ("lower train.batch_size (raise train.grad_accum to keep the global batch) or pick a smaller "
+               "model.denoiser (`genhancer info` lists sizes)" if args.command == "train" else "lower --batch-size")
+        print(f"error: out of memory ({_first_line(e)}): {fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
