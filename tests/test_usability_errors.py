@@ -114,3 +114,13 @@ def test_running_out_of_memory_in_eval_names_its_batch_size(monkeypatch, tmp_pat
     monkeypatch.setattr(mmvp, "load_benchmark", no_memory)
     code, err = run_cli(["eval", "mmvp", "--model", tmp_path, "--benchmark", tmp_path], capsys)
     assert code == 2 and len(err) == 1 and "out of memory" in err[0] and "lower --batch-size" in err[0]
+
+
+def test_a_run_that_had_to_stop_still_exits_1(monkeypatch, tiny_clip, overrides, tmp_path, capsys):
+    from genhancer.errors import TrainingError
+
+    def diverged(*args, **kwargs):
+        raise TrainingError("3 non-finite steps in a row up to step 5: the run diverged")
+    monkeypatch.setattr(genhancer.trainer, "train", diverged)
+    code, err = run_cli(["train", *overrides(tiny_clip, tmp_path / "run")], capsys)
+    assert code == 1 and err == ["error: 3 non-finite steps in a row up to step 5: the run diverged"]

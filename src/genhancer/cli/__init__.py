@@ -148,19 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (RuntimeError, MemoryError) as e:
-        if not out_of_memory(e):
-            raise
-        fix = ("lower train.batch_size (raise train.grad_accum to keep the global batch) or pick a smaller "
-               "model.denoiser (`genhancer info` lists sizes)" if args.command == "train" else "lower --batch-size")
-        print(f"error: out of memory ({_first_line(e)}): {fix}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (RuntimeError, MemoryError) as e:  # after TrainingError, a RuntimeError too
+        if not out_of_memory(e):
+            raise
+        fix = ("lower train.batch_size (raise train.grad_accum to keep the global batch) or pick a smaller "
+               "model.denoiser (`genhancer info` lists sizes)" if args.command == "train" else "lower --batch-size")
+        print(f"error: out of memory ({_first_line(e)}): {fix}", file=sys.stderr)
+        return 2
     return 0
 
 
