@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import genhancer
+from genhancer.cli import main
 from genhancer.modelcard import PAPER_TITLE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def test_citation_cff_cites_the_project_and_the_paper():
     assert "2503.19480" in paper["url"] and "version" not in cff  # the version lives in one place only
 
 
-def test_version_is_defined_once():
+def test_version_is_defined_once(capsys):
     data = pyproject()
     assert "version" not in data["project"] and data["project"]["dynamic"] == ["version"]
     assert data["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "genhancer.__version__"}
@@ -44,8 +45,9 @@ def test_version_is_defined_once():
              if p.is_file() and re.search(rf"^\s*(__version__|version)\s*=\s*['\"]{re.escape(genhancer.__version__)}",
                                           p.read_text(errors="replace"), re.M)]
     assert found == ["src/genhancer/__init__.py"]
-    out = subprocess.run([sys.executable, "-m", "genhancer", "--version"], capture_output=True, text=True).stdout
-    assert out.strip() == f"genhancer {genhancer.__version__}"
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"genhancer {genhancer.__version__}"
 
 
 def test_py_typed_and_changelog():
@@ -79,10 +81,10 @@ def test_info_prints_no_transformers_token_id_warnings():
 
 def test_a_stage2_run_prints_no_third_party_noise(tiny_clip, overrides, tmp_path):
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
-    env_run = dict(capture_output=True, text=True, check=True)
-    subprocess.run([sys.executable, "-m", "genhancer", "train", *overrides(tiny_clip, s1, steps=1)], **env_run)
+    assert main(["train", *overrides(tiny_clip, s1, steps=1)]) == 0
     proc = subprocess.run([sys.executable, "-m", "genhancer", "train", *overrides(
-        tiny_clip, s2, stage="stage2", steps=1, stage__init_from=s1, train__precision="bf16")], **env_run)
+        tiny_clip, s2, stage="stage2", steps=1, stage__init_from=s1, train__precision="bf16")],
+        capture_output=True, text=True, check=True)
     noise = ["is_gradient_checkpointing", "Mismatch dtype", "Setting accelerator", "falling back", "Falling back",
              "token_id", "Warning", "warn("]
     output = proc.stdout + proc.stderr
