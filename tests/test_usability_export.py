@@ -132,6 +132,15 @@ def test_base_model_is_the_hub_id_for_the_readmes_recipe():
                                    True))["license"] == "apache-2.0"
 
 
+def test_base_model_names_the_weights_actually_given():
+    # MetaCLIP's ViT-L/14 has the OpenAI preset's architecture: its hub id, not the preset's, is the base model
+    cfg = load_recipe("openai-clip-vit-l-14-224-stage2", ["model.weights=facebook/metaclip-l14-fullcc2.5b"],
+                      check=False)
+    assert hub_id(cfg.model) == "facebook/metaclip-l14-fullcc2.5b"
+    assert hub_id(load_recipe("openai-clip-vit-l-14-224-stage2", [], check=False).model) == \
+        "openai/clip-vit-large-patch14"
+
+
 @pytest.mark.parametrize("source, expected", [
     ("/root/.cache/huggingface/hub/models--openai--clip-vit-base-patch32/snapshots/3d74acf9",
      "openai/clip-vit-base-patch32"),

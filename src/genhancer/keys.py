@@ -152,7 +152,7 @@ def reference_markdown() -> str:
         out += [f"## `{section}`: {doc}", "", "| key | type | default | what it does |", "| --- | --- | --- | --- |"]
         for k in keys:
             if k.name.startswith(section + "."):
-                help_ = k.help.replace("|", "\\|")
-                out.append(f"| `{k.name}` | `{k.type}` | `{format_value(k.default)}` | {help_} |")
+                cells = (f"`{k.name}`", f"`{k.type}`", f"`{format_value(k.default)}`", k.help)
+                out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")  # GFM: even in code
         out.append("")
     return "\n".join(out)

@@ -34,15 +34,16 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def hub_id(m: ModelConfig) -> str | None:
-    """The hub id of the model a run started from: the preset's, the one a Hugging Face cache path names, or the
-    source itself when it is a hub id; None for a plain local folder."""
-    if m.backbone in BACKBONES:
-        return BACKBONES[m.backbone].hub_id  # model.weights of another architecture are refused at load time
+    """The hub id of the model a run started from: the one its source names (a hub id, or a Hugging Face cache
+    path), else the preset's for a local folder of a preset's weights (of its architecture: checked at load time);
+    None for any other local folder."""
     source = resolve_source(m)
     found = _CACHE_SNAPSHOT.search(Path(source).as_posix())
     if found:
         return f"{found.group(1)}/{found.group(2)}"
-    return source if _HUB_ID.match(source) and not Path(source).exists() else None
+    if _HUB_ID.match(source) and not Path(source).exists():
+        return source
+    return BACKBONES[m.backbone].hub_id if m.backbone in BACKBONES else None
 
 
 def base_name(m: ModelConfig) -> str:
