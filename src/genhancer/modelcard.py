@@ -71,7 +71,9 @@ def source_license(m: ModelConfig, source_dir: Path | None) -> dict:
     if meta.get("license"):
         return {k: meta[k] for k in ("license", "license_name", "license_link") if k in meta}
     preset = BACKBONES.get(m.backbone)
-    return {"license": preset.license} if preset is not None and preset.license else {}
+    if preset is None or not preset.license or hub_id(m) != preset.hub_id:  # another model's weights
+        return {}
+    return {"license": preset.license}
 
 
 def metadata(cfg: RunConfig, family: str, license_: dict, vision_only: bool) -> dict:
