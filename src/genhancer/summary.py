@@ -96,3 +96,9 @@ def describe_run(cfg: RunConfig, enh: Enhancer, acc: Accelerator, loader, step: 
         f"output      {run}",
     ]
     return "\n".join(lines + [f"note        {n}" for n in notes(cfg, acc, head_params)])
+
+
+def print_summary(cfg: RunConfig, enh: Enhancer, acc: Accelerator, loader, step: int, total: int, run: Path) -> None:
+    """Print :func:`describe_run` on the main process (the others skip the work, e.g. listing an image folder)."""
+    if acc.is_main_process:
+        print(describe_run(cfg, enh, acc, loader, step, total, run), flush=True)
