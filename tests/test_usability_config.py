@@ -141,3 +141,12 @@ def test_config_shows_the_detected_source(tmp_path, capsys):
     assert main(["config", "--changed", f"data.path={images(tmp_path / 'imgs')}"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^data.source = folder +# str, default webdataset", out, re.M) and "not ready" not in out
+
+
+def test_a_closed_pipe_is_no_traceback():
+    """`genhancer config | head`: the reader goes away early."""
+    proc = subprocess.Popen([sys.executable, "-m", "genhancer", "config"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == ""
