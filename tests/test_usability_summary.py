@@ -101,3 +101,15 @@ def test_thread_count(monkeypatch):
             assert threads.set_cpu_threads(2) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_images_line_of_shards_and_caches(tmp_path):
+    from genhancer import summary
+
+    for i in range(3):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+    cfg = load_config(None, [f"data.path={tmp_path}/{{00000..00002}}.tar"])
+    assert summary._images(cfg, None, 8) == f"3 .tar shards at {tmp_path}/{{00000..00002}}.tar (image count unknown " \
+                                            "until read)"
+    cfg.data.source = "cache"
+    assert summary._images(cfg, 5, 8).startswith("40 cached samples per epoch")
