@@ -108,3 +108,15 @@ def test_third_party_lines_are_silenced(module, code, line):
     if line not in output(""):
         pytest.skip("this environment does not print the line")
     assert line not in output("from genhancer.quiet import silence_third_party; silence_third_party(); ")
+
+
+def test_the_readme_states_the_shipped_bases_size():
+    from transformers import CLIPModel
+
+    from genhancer.miniworld.base import shipped_base
+
+    model = CLIPModel.from_pretrained(shipped_base())
+    width = model.config.vision_config.hidden_size
+    stated = f"{sum(p.numel() for p in model.parameters()):,} parameters, ViT " \
+             f"{model.config.vision_config.num_hidden_layers} x {width} on {model.config.vision_config.image_size} px"
+    assert stated in " ".join((ROOT / "README.md").read_text().split())
