@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) with the CPU build of torch first, then genhancer and its test extras.
+# Create .venv (once) with the CPU build of torch first, then genhancer with the extras named as arguments
+# (none: what the demo needs; `test`: the test suite's, DeepSpeed included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,4 +11,5 @@ fi
 python -m pip install -q --upgrade pip
 # torch first: a bare `pip install torch` (as a dependency) would pull the multi-GB CUDA build
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+extras=$(IFS=,; echo "$*")
+python -m pip install -q -e ".${extras:+[$extras]}"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from eval_fixtures import save_tiny_clip, save_tiny_siglip
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads, and oversubscribed cores lose a lot
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the count `genhancer train` sets (genhancer.threads) in tests
 
 
 @pytest.fixture(scope="session")

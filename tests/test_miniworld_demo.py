@@ -21,6 +21,7 @@ def test_fast_demo_runs_end_to_end(tmp_path):
     assert report.index("## Summary") < report.index("probe") < report.index("MMVP-VLM, large")
     assert "| oracle |" in report and "Original encoder, stage-1 denoiser" in report and str(out / "enhanced") in report
     assert set(results["reconstruction_mse"]) == {"own", "other"} and results["threads"] == 1
+    assert f"| `stage1_steps` | {results['recipe']['stage1_steps']} |" in report and "{" not in report  # no dict repr
 
     from genhancer.miniworld.incentive import read_costs
 

@@ -26,11 +26,13 @@ SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 @dataclass(frozen=True)
 class BackbonePreset:
-    """A registered backbone: its architecture config (shipped) and the hub id of its weights."""
+    """A registered backbone: its architecture config (shipped), the hub id of its weights and their licence (the
+    hub's licence identifier, when the weights' model card declares one)."""
 
     name: str
     hub_id: str
     config: dict
+    license: str | None = None
 
     @property
     def family(self) -> str:
@@ -42,7 +44,8 @@ def _load_presets() -> dict[str, BackbonePreset]:
     for entry in resources.files("genhancer").joinpath("configs", "backbones").iterdir():
         if entry.name.endswith(".json"):
             cfg = json.loads(entry.read_text())
-            presets[entry.name[:-5]] = BackbonePreset(entry.name[:-5], cfg.pop("_hub_id"), cfg)
+            name = entry.name[:-5]
+            presets[name] = BackbonePreset(name, cfg.pop("_hub_id"), cfg, cfg.pop("_license", None))
     return dict(sorted(presets.items()))
 
 
@@ -56,7 +59,9 @@ def _classes(family: str):
         return CLIPConfig, CLIPModel
     if family == "siglip":
         return SiglipConfig, SiglipModel
-    raise ConfigError(f"model type '{family}' is not a CLIP or SigLIP model: genhancer enhances CLIPModel / SiglipModel")
+    tower = " (a vision tower alone: give the whole model's folder)" if family.endswith("_vision_model") else ""
+    raise ConfigError(f"model type '{family}' is not a CLIP or SigLIP model{tower}: genhancer enhances CLIPModel / "
+                      "SiglipModel")
 
 
 def build_from_config(config: dict) -> nn.Module:
@@ -72,6 +77,27 @@ def resolve_source(cfg: ModelConfig) -> str:
     return cfg.weights or cfg.backbone
 
 
+def architecture(config: dict) -> str:
+    """A CLIP-family config in a few words, e.g. 'clip ViT 24 x 1024, patch 14, 224px, projection 768'."""
+    cfg_cls, _ = _classes(config["model_type"])
+    full = cfg_cls.from_dict(config)  # the defaults of keys a hub config leaves out
+    v = full.vision_config
+    proj = f", projection {full.projection_dim}" if hasattr(full, "projection_dim") else ""
+    return (f"{full.model_type} ViT {v.num_hidden_layers} x {v.hidden_size}, patch {v.patch_size}, "
+            f"{v.image_size}px{proj}")
+
+
+def check_weights(cfg: ModelConfig, config: dict) -> None:
+    """Refuse ``model.weights`` of another architecture than the preset ``model.backbone`` (the run, its checkpoints
+    and the export's model card would name the preset)."""
+    preset = BACKBONES.get(cfg.backbone)
+    if preset is None or not cfg.weights or architecture(config) == architecture(preset.config):
+        return
+    raise ConfigError(f"model.weights '{cfg.weights}' is a {architecture(config)}, not the preset {cfg.backbone} "
+                      f"({architecture(preset.config)}): give your model as model.backbone={cfg.weights} and leave "
+                      "model.weights unset")
+
+
 def load_clip_family(cfg: ModelConfig) -> nn.Module:
     """The CLIPModel / SiglipModel named by ``cfg``, loaded offline (or random from its config)."""
     if cfg.random_init:
@@ -79,8 +105,9 @@ def load_clip_family(cfg: ModelConfig) -> nn.Module:
             return build_from_config(BACKBONES[cfg.backbone].config)
         return build_from_config(_read_config(cfg.backbone))
     source = resolve_source(cfg)
-    family = _read_config(source)["model_type"]
-    _, model_cls = _classes(family)
+    config = _read_config(source)
+    check_weights(cfg, config)
+    _, model_cls = _classes(config["model_type"])
     try:
         return model_cls.from_pretrained(source, local_files_only=True)
     except OSError as e:
@@ -104,7 +131,13 @@ def _read_config(source: str) -> dict:
             raise ConfigError(f"'{source}' is neither a local folder nor in the Hugging Face cache (offline): "
                               f"download it where there is network (`hf download {source}`) or set {hint}; "
                               f"registered backbones: {', '.join(BACKBONES)}") from None
-    return json.loads(path.read_text())
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict) or "model_type" not in config:
+        kind = config.get("_class_name", "non-transformers") if isinstance(config, dict) else "non-transformers"
+        raise ConfigError(f"'{source}' is not a CLIP/SigLIP folder (its config.json describes {kind}): "
+                          "model.backbone and model.weights take a CLIPModel / SiglipModel folder (an autoencoder's "
+                          "folder goes to model.latent_path)")
+    return config
 
 
 def _first_line(e: Exception) -> str:

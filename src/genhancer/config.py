@@ -236,8 +236,10 @@ def _merge(base: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
-    """Defaults <- ``base`` dict <- YAML file <- ``section.key=value`` overrides, then validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None,
+                check: bool = True) -> RunConfig:
+    """Defaults <- ``base`` dict <- YAML file <- ``section.key=value`` overrides, then validated (``check``) with the
+    data source detected (:func:`detect_source`)."""
     data: dict = dict(base or {})
     if path is not None:
         p = Path(path)
@@ -258,8 +260,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         keys, value = parse_override(text)
         _merge(data, keys, value)
     cfg = from_dict(data)
-    validate(cfg)
+    if check:
+        detect_source(cfg.data)
+        validate(cfg)
     return cfg
+
+
+def detect_source(d: DataConfig) -> None:
+    """A directory of image files given as webdataset shards (the default source) is read as a folder of images."""
+    root = Path(d.path or "")
+    if d.source != "webdataset" or not d.path or not root.is_dir() or next(root.rglob("*.tar"), None):
+        return
+    from .images import IMAGE_EXTENSIONS  # here: it imports torch
+
+    if next((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS), None) is None:
+        raise ConfigError(f"data.path '{root}' holds neither .tar shards nor image files: point it at shards "
+                          f"(data.source=webdataset) or at a folder of images (data.source=folder)")
+    d.source = "folder"
 
 
 def validate(cfg: RunConfig) -> None:

@@ -2,24 +2,30 @@
 
 The export is a ``save_pretrained`` folder (safetensors) with the source's image-processor and tokenizer files
 beside it, so ``CLIPModel.from_pretrained`` / ``SiglipModel.from_pretrained``, LLaVA's vision-tower loader and the
-usual evaluation scripts load it unchanged. Only the vision tower differs from the source.
+usual evaluation scripts load it unchanged. Only the vision tower differs from the source. ``vision_only`` writes
+the vision tower alone (``CLIPVisionModelWithProjection`` / ``SiglipVisionModel``) with the image processor.
+Every file is readable as the user's umask allows (as ``README.md`` is), and no local path is written into the
+folder (``modelcard.py``).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import shutil
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from . import __version__
 from .backbones import build_backbone, resolve_source
 from .checkpoint import load_checkpoint, load_run_config, resolve_checkpoint
-from .config import RunConfig
 from .enhancer import adapt_encoder, load_backbone_weights, merge_encoder
 from .errors import ConfigError
+from .modelcard import base_name, hub_id, model_card, source_license
 
-SIDE_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+PROCESSOR_FILES = ("preprocessor_config.json",)
+SIDE_FILES = (*PROCESSOR_FILES, "processor_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "spiece.model", "added_tokens.json")
 
 
@@ -35,11 +41,29 @@ def source_dir(source: str) -> Path | None:
         return None
 
 
-def export_model(run: str | Path, out_dir: str | Path) -> Path:
-    """Merge the run's encoder weights into its source model and write it to ``out_dir`` (which must be new or empty)."""
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The vision side of a whole CLIPModel / SiglipModel as the model class downstream code loads alone."""
+    from transformers import CLIPVisionModelWithProjection, SiglipVisionModel
+
+    config = model.config.vision_config
+    if model.config.model_type == "clip":
+        config.projection_dim = model.config.projection_dim
+        cls, parts = CLIPVisionModelWithProjection, ("vision_model", "visual_projection")
+    else:
+        cls, parts = SiglipVisionModel, ("vision_model",)
+    with torch.device("meta"):
+        tower = cls(config)
+    for part in parts:  # transformers 5's SiglipVisionModel is the vision transformer itself
+        getattr(tower, part, tower).load_state_dict(getattr(model, part).state_dict(), assign=True)
+    return tower.eval()
+
+
+def export_model(run: str | Path, out_dir: str | Path, vision_only: bool = False) -> Path:
+    """Merge the run's encoder weights into its source model and write it to ``out_dir`` (new or empty)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"export folder '{out}' is not empty: choose a new folder or remove it")
+        what = "is not empty" if out.is_dir() else "is a file"
+        raise ConfigError(f"export folder '{out}' {what}: choose a new folder or remove it")
     ckpt = resolve_checkpoint(run)
     cfg = load_run_config(ckpt)
     if cfg.stage.stage == "stage1":
@@ -49,6 +73,10 @@ def export_model(run: str | Path, out_dir: str | Path) -> Path:
     adapt_encoder(backbone, cfg.stage)
     load_backbone_weights(backbone, weights)
     model = merge_encoder(backbone).eval()
+    family = model.config.model_type
+    if vision_only:
+        model = vision_tower(model)
+    model.config._name_or_path = hub_id(cfg.model) or ""  # not the local folder it was loaded from
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial"
@@ -56,15 +84,18 @@ def export_model(run: str | Path, out_dir: str | Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         src = source_dir(resolve_source(cfg.model))
-        copied = []
-        for name in SIDE_FILES:
-            if src is not None and (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-                copied.append(name)
-        (tmp / "README.md").write_text(model_card(cfg, state, ckpt, copied, type(model).__name__))
+        copied = [name for name in (PROCESSOR_FILES if vision_only else SIDE_FILES)
+                  if src is not None and (src / name).is_file()]
+        for name in copied:
+            shutil.copy2(src / name, tmp / name)
+        card = model_card(cfg, state["step"], family, type(model).__name__, source_license(cfg.model, src),
+                          vision_only, "preprocessor_config.json" in copied)
+        (tmp / "README.md").write_text(card)
         (tmp / "genhancer.json").write_text(json.dumps(
-            {"base_model": resolve_source(cfg.model), "checkpoint": str(ckpt), "step": state["step"],
+            {"base_model": base_name(cfg.model), "base_model_hub_id": hub_id(cfg.model), "run": Path(run).name,
+             "checkpoint": ckpt.name, "step": state["step"], "vision_only": vision_only,
              "genhancer_version": __version__}, indent=1))
+        _readable_like(tmp / "README.md", tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -74,28 +105,10 @@ def export_model(run: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def model_card(cfg: RunConfig, state: dict, ckpt: Path, processor_files: list[str], model_class: str) -> str:
-    s, m = cfg.stage, cfg.model
-    tuning = "full fine-tuning" if s.finetune == "full" else f"LoRA r={s.lora_r}, alpha={s.lora_alpha}, dropout={s.lora_dropout} (merged)"
-    missing = "" if "preprocessor_config.json" in processor_files else (
-        "\n> Warning: the source had no preprocessor_config.json; add one before loading with a processor.\n")
-    return f"""---
-base_model: {resolve_source(m)}
-library_name: transformers
-tags: [genhancer, clip, vision-encoder]
----
-# GenHancer-enhanced {m.backbone}
-
-The vision tower of `{resolve_source(m)}` post-trained with GenHancer (Ma et al., 2025): a lightweight
-generative denoiser reconstructs each image conditioned only on the encoder's global token. The text tower is
-the source's, unchanged. Load it as the source loads: `{model_class}.from_pretrained(folder)`.
-{missing}
-| | |
-| --- | --- |
-| recipe | {s.stage}, {tuning}, head {'trained' if s.train_head or s.stage == 'e2e' else 'frozen'} |
-| denoiser | {m.denoiser} over latent `{m.latent}`, condition `{m.condition}` |
-| objective | timesteps {cfg.objective.timestep_sampling} (m={cfg.objective.logit_normal_mean}, s={cfg.objective.logit_normal_scale}) |
-| optimiser | AdamW lr={cfg.lr}, batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum} per process, {cfg.train.precision} |
-| steps | {state['step']} (checkpoint `{ckpt}`) |
-| exported | {datetime.date.today().isoformat()} with genhancer {__version__} |
-"""
+def _readable_like(reference: Path, folder: Path) -> None:
+    """Give every file of ``folder`` the permissions of ``reference`` (the umask's): some writers create 0600
+    temporary files and rename them into place."""
+    mode = reference.stat().st_mode & 0o777
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)

@@ -29,6 +29,8 @@ def recipe_path(name: str) -> Path:
     raise ConfigError(f"recipe '{name}' is neither a file nor a shipped recipe: see `genhancer recipes`")
 
 
-def load_recipe(name: str | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
-    """The run config of a recipe (a shipped name or a YAML path; None: the defaults) with ``overrides``."""
-    return load_config(recipe_path(name) if name else None, overrides, base)
+def load_recipe(name: str | None, overrides: list[str] = (), base: dict | None = None,
+                check: bool = True) -> RunConfig:
+    """The run config of a recipe (a shipped name or a YAML path; None: the defaults) with ``overrides``; ``check``:
+    validated and ready to run (else only parsed and type-checked)."""
+    return load_config(recipe_path(name) if name else None, overrides, base, check)

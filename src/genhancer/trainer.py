@@ -30,6 +30,7 @@ from .enhancer import Enhancer, apply_stage, build_enhancer
 from .errors import ConfigError, TrainingError
 from .runs import RunLog, StopFlag, check_run_dir, open_run_dir, write_data_report
 from .seeding import derive_seed, generator
+from .summary import print_summary
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -66,6 +67,7 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
     loader = _loader(cfg, enh, acc, progress)
     step, total = progress.step, _total_steps(cfg, loader)
     open_run_dir(acc, run, cfg, step)
+    print_summary(cfg, enh, acc, loader, step, total, run)
     model = backend.prepare(enh, opt)
     if progress.optimizer is not None:
         try:

@@ -25,7 +25,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     kwargs = {"mixed_precision": "no" if t.precision == "fp32" else t.precision}
     if zero.requested():
         kwargs = zero.accelerator_kwargs(cfg)
-    return Accelerator(log_with=[x for x in t.trackers if _tracker_available(x)] or None, project_dir=t.output_dir,
+    return Accelerator(log_with=[x for x in t.trackers if tracker_available(x)] or None, project_dir=t.output_dir,
                        **kwargs)
 
 
@@ -37,6 +37,6 @@ def build_backend(acc: Accelerator, cfg: RunConfig) -> Backend:
     return zero.ZeroBackend(acc, cfg) if kind == "DEEPSPEED" else PlainBackend(acc, cfg)
 
 
-def _tracker_available(name: str) -> bool:
+def tracker_available(name: str) -> bool:
     module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name, name)
     return importlib.util.find_spec(module) is not None

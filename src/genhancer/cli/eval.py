@@ -138,6 +138,7 @@ def _named(specs: list[str]) -> dict[str, str]:
 
 def run_compare(args) -> None:
     from genhancer.evaluation import report, zeroshot
+    from genhancer.evaluation.models import check_not_a_run
 
     _check_batch(args)
     if not (args.mmvp or args.zeroshot or args.retrieval):
@@ -147,6 +148,15 @@ def run_compare(args) -> None:
         templates=zeroshot.resolve_templates(args.templates), classnames=args.classnames,
         image_root=args.image_root, batch_size=args.batch_size,
     )  # fmt: skip
+    for model in (args.base, args.enhanced):
+        check_not_a_run(model)
     plan.check()  # fail on bad data before spending time on the first model
     report.compare(args.base, args.enhanced, plan, args.out, tuple(args.labels), args.device, args.dtype)
-    print((Path(args.out) / "report.md").read_text())
+    text = (Path(args.out) / "report.md").read_text()
+    print(text)
+    card = Path(args.enhanced) / "README.md"
+    if (Path(args.enhanced) / "genhancer.json").is_file() and card.is_file():  # a genhancer export
+        from genhancer.modelcard import add_results, results_section
+
+        add_results(card, results_section(text, args.base, tuple(args.labels)))
+        print(f"added these results to the model card {card}")

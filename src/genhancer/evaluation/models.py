@@ -24,6 +24,23 @@ from genhancer.images import BadSample, decode_image
 FAMILIES = {"clip": CLIPModel, "siglip": SiglipModel}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLIP_CONTEXT = 77  # the reference evaluation's max_length for CLIP tokenizers
+RUN_MARKERS = ("config.yaml", "state.json", "checkpoints")  # what a `genhancer train` run or checkpoint folder holds
+
+
+def check_not_a_run(name_or_path: str) -> None:
+    """Refuse a training run's folder where a model is expected, naming the export that makes one."""
+    folder = Path(name_or_path)
+    if not (folder / "config.json").is_file() and any((folder / n).exists() for n in RUN_MARKERS):
+        raise ConfigError(f"{name_or_path!r} is a genhancer run folder, not a model: export it first "
+                          f"(genhancer export {name_or_path} OUT) and evaluate OUT")
+
+
+def processor_size(processor) -> int | None:
+    """The side of the square images an image processor outputs (None when it does not make them square)."""
+    size = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = size or getattr(processor, "size", None)
+    height, width = (size.get(k) if isinstance(size, dict) else getattr(size, k, None) for k in ("height", "width"))
+    return height if height is not None and height == width else None
 
 
 def read_image(source, where: str = "") -> Image.Image:
@@ -161,11 +178,13 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "fp32") -> 
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    check_not_a_run(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError):
+        what = "is not a transformers model folder" if (Path(name_or_path) / "config.json").is_file() else "not found"
         raise ConfigError(
-            f"model {name_or_path!r} not found: give a save_pretrained CLIP/SigLIP directory or a hub id already "
+            f"model {name_or_path!r} {what}: give a save_pretrained CLIP/SigLIP directory or a hub id already "
             "in the local cache (nothing is downloaded)"
         ) from None
     family = config.model_type
@@ -180,6 +199,11 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "fp32") -> 
             f"model {name_or_path!r} lacks a usable image processor or tokenizer ({first_line}); "
             "save them next to the weights (save_pretrained of the processor and tokenizer)"
         ) from None
+    made, takes = processor_size(image_processor), config.vision_config.image_size
+    if made is not None and made != takes:
+        raise ConfigError(f"model {name_or_path!r}: its image processor makes {made}px images but its vision tower "
+                          f"takes {takes}px: set size / crop_size to {takes} in its preprocessor_config.json (or copy "
+                          "the source model's)")
     vocab_size = config.text_config.vocab_size
     if len(tokenizer) < vocab_size // 2:  # transformers 5 builds an empty tokenizer when its files are missing
         raise ConfigError(

@@ -73,6 +73,12 @@ def run_config(recipe: Recipe, base: str, images: Path, out: Path, stage: str, i
     return load_config(overrides=overrides + list(extra))
 
 
+def recipe_table(recipe: Recipe) -> str:
+    """The demo's settings as a Markdown table."""
+    rows = [f"| `{k}` | {v} |" for k, v in asdict(recipe).items()]
+    return "\n".join(["| setting | value |", "| --- | --- |", *rows])
+
+
 def write_world(root: Path, recipe: Recipe) -> dict[str, Path]:
     """Training images (train split) and the held-out benchmarks under ``root``."""
     from genhancer.miniworld.benchmark import write_large, write_mmvp
@@ -237,7 +243,8 @@ def demo(out: str | Path = "miniworld-demo", fast: bool = False, seed: int = 0) 
         "own global token; a sample from the previous row's image's token. Mean squared error against the input: "
         f"{recon['own']:.4f} with its own condition, {recon['other']:.4f} with another image's.\n\n"
         "![reconstructions](reconstructions.png)\n\n"
-        f"Recipe: `{json.dumps(asdict(recipe))}`\n")
+        f"## Recipe\n\n{recipe_table(recipe)}\n\nEach stage's whole configuration: `runs/stage1/config.yaml`, "
+        "`runs/stage2/config.yaml` (`genhancer config -c FILE` prints every key with its help).\n")
     print("\n" + tables)
     print(f"report: {out / 'report.md'} ({results['seconds']} s); enhanced CLIP: {enhanced}")
     return out

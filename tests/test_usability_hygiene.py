@@ -1,0 +1,122 @@
+"""Project hygiene (licence, citation, one version, py.typed, changelog, demo installs) and quiet output."""
+
+import importlib.util
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+import genhancer
+from genhancer.cli import main
+from genhancer.modelcard import PAPER_TITLE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_license_file_matches_the_declared_apache_2():
+    project = pyproject()["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"] and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_citation_cff_cites_the_project_and_the_paper():
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["type"] == "software" and cff["license"] == "Apache-2.0"
+    paper = cff["preferred-citation"]
+    assert paper["title"] == PAPER_TITLE and paper["year"] == 2025
+    assert [a["family-names"] for a in paper["authors"]] == ["Ma", "Ge", "Wang", "Guo", "Ge", "Shan"]
+    assert "2503.19480" in paper["url"] and "version" not in cff  # the version lives in one place only
+
+
+def test_version_is_defined_once(capsys):
+    data = pyproject()
+    assert "version" not in data["project"] and data["project"]["dynamic"] == ["version"]
+    assert data["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "genhancer.__version__"}
+    found = [str(p.relative_to(ROOT)) for p in [*ROOT.glob("*.*"), *(ROOT / "src").rglob("*.py")]
+             if p.is_file() and re.search(rf"^\s*(__version__|version)\s*=\s*['\"]{re.escape(genhancer.__version__)}",
+                                          p.read_text(errors="replace"), re.M)]
+    assert found == ["src/genhancer/__init__.py"]
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"genhancer {genhancer.__version__}"
+
+
+def test_py_typed_and_changelog():
+    assert (ROOT / "src" / "genhancer" / "py.typed").is_file()
+    assert "py.typed" in pyproject()["tool"]["setuptools"]["package-data"]["genhancer"]
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert changelog.startswith("# Changelog") and "## Unreleased" in changelog
+    assert f"## {genhancer.__version__}" in changelog
+
+
+def test_the_demo_installs_no_test_extras():
+    demo, tests = ((ROOT / "scripts" / name).read_text() for name in ("demo.sh", "test.sh"))
+    assert re.search(r"^bash scripts/setup.sh(\s+#.*)?$", demo, re.M), "demo.sh must call setup.sh without extras"
+    assert re.search(r"^bash scripts/setup.sh test$", tests, re.M)
+    # setup.sh turns its arguments into the extras of the editable install
+    script = (ROOT / "scripts" / "setup.sh").read_text()
+    line = next(ln for ln in script.splitlines() if "pip install -q -e" in ln)
+    for args, spec in (([], "."), (["test"], ".[test]"), (["test", "tensorboard"], ".[test,tensorboard]")):
+        expanded = subprocess.run(["bash", "-c", 'extras=$(IFS=,; echo "$*"); echo ".${extras:+[$extras]}"', "_",
+                                   *args], capture_output=True, text=True, check=True).stdout.strip()
+        assert expanded == spec
+    assert 'extras=$(IFS=,; echo "$*")' in script and '".${extras:+[$extras]}"' in line
+
+
+def test_info_prints_no_transformers_token_id_warnings():
+    proc = subprocess.run([sys.executable, "-m", "genhancer", "info", "--backbone", "openai-clip-vit-l-14-224",
+                           "--denoiser", "flux-tiny"], capture_output=True, text=True, check=True)
+    assert "427,616,513" in proc.stdout
+    assert "token_id" not in proc.stderr and proc.stderr.strip() == "", proc.stderr
+
+
+def test_a_stage2_run_prints_no_third_party_noise(tiny_clip, overrides, tmp_path):
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    assert main(["train", *overrides(tiny_clip, s1, steps=1)]) == 0
+    proc = subprocess.run([sys.executable, "-m", "genhancer", "train", *overrides(
+        tiny_clip, s2, stage="stage2", steps=1, stage__init_from=s1, train__precision="bf16")],
+        capture_output=True, text=True, check=True)
+    noise = ["is_gradient_checkpointing", "Mismatch dtype", "Setting accelerator", "falling back", "Falling back",
+             "token_id", "Warning", "warn("]
+    output = proc.stdout + proc.stderr
+    assert not [n for n in noise if n in output], output
+    assert "precision bf16" in proc.stdout and "train.precision=fp32 is usually faster on CPU" in proc.stdout
+
+
+@pytest.mark.parametrize("module, code, line", [
+    ("torchvision", "from transformers import CLIPImageProcessor", "falling back to"),
+    ("deepspeed", "import deepspeed", "Setting accelerator to CPU"),
+])
+def test_third_party_lines_are_silenced(module, code, line):
+    installed = importlib.util.find_spec(module) is not None
+    if installed == (module == "torchvision"):  # the fallback needs torchvision absent, DeepSpeed's line DeepSpeed
+        pytest.skip(f"{module} is {'' if installed else 'not '}installed")
+
+    def output(prefix: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", prefix + code], capture_output=True, text=True, check=True)
+        return proc.stdout + proc.stderr
+
+    if line not in output(""):
+        pytest.skip("this environment does not print the line")
+    assert line not in output("from genhancer.quiet import silence_third_party; silence_third_party(); ")
+
+
+def test_the_readme_states_the_shipped_bases_size():
+    from transformers import CLIPModel
+
+    from genhancer.miniworld.base import shipped_base
+
+    model = CLIPModel.from_pretrained(shipped_base())
+    width = model.config.vision_config.hidden_size
+    stated = f"{sum(p.numel() for p in model.parameters()):,} parameters, ViT " \
+             f"{model.config.vision_config.num_hidden_layers} x {width} on {model.config.vision_config.image_size} px"
+    assert stated in " ".join((ROOT / "README.md").read_text().split())

@@ -1,0 +1,115 @@
+"""A run says what it built before its first step, and what is off; the CPU thread count."""
+
+import importlib.util
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import CLIPModel
+
+from genhancer import threads
+from genhancer.cli import main
+from genhancer.config import load_config
+from genhancer.summary import LARGE_FOR_CPU, notes
+
+
+def summary_of(capsys) -> dict[str, str]:
+    out = capsys.readouterr().out
+    head = out.split("skipped ")[0]  # the summary comes before the run's end-of-run lines
+    return {line[:12].strip(): line[12:] for line in head.splitlines() if re.match(r"^[a-z]+ +\S", line)}
+
+
+def number(text: str, before: str) -> int:
+    return int(re.search(rf"([\d,]+) {before}", text).group(1).replace(",", ""))
+
+
+def test_the_summary_names_everything_built(tiny_clip, overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--threads", "1", *overrides(tiny_clip, run, steps=3, train__grad_accum=2)]) == 0
+    lines = summary_of(capsys)
+    assert list(lines) == ["backbone", "trainable", "denoiser", "latent", "images", "steps", "device", "output"]
+    clip = CLIPModel.from_pretrained(tiny_clip)
+    assert number(lines["backbone"], "parameters") == sum(p.numel() for p in clip.parameters())
+    vision = sum(p.numel() for p in clip.vision_model.parameters())
+    assert f"vision tower {vision:,}" in lines["backbone"] and "(clip, 32px)" in lines["backbone"]
+    head = number(lines["denoiser"], "parameters")
+    assert lines["denoiser"].startswith("flux-tiny: ") and number(lines["trainable"], "parameters") == head
+    assert "encoder frozen" in lines["trainable"]
+    assert lines["latent"] == "pixel, target (3, 16, 16)"
+    assert lines["images"].startswith("64 synthetic images")
+    # 64 images / batch 4 = 16 micro-batches per epoch; 3 steps x 2 micro-batches = 6 of them
+    assert lines["steps"].startswith("3 optimizer steps = 0.375 epoch(s) of 16 micro-batches; global batch 8")
+    assert lines["device"] == "cpu, 1 torch thread(s); precision fp32"
+    assert lines["output"] == str(run)
+
+
+def test_stage2_summary_counts_lora_apart(tiny_clip, overrides, tmp_path, capsys):
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    assert main(["train", *overrides(tiny_clip, s1, steps=1)]) == 0
+    capsys.readouterr()
+    assert main(["train", *overrides(tiny_clip, s2, stage="stage2", steps=1, stage__init_from=s1,
+                                     stage__lora_r=2)]) == 0
+    lines = summary_of(capsys)
+    clip = CLIPModel.from_pretrained(tiny_clip)
+    lora = number(lines["backbone"], "LoRA")
+    # r x (in + out) per linear layer of the vision encoder: 2 layers x (4 attention 32->32, fc1 32->64, fc2 64->32)
+    assert lora == 2 * 2 * (4 * (32 + 32) + (32 + 64) + (64 + 32))
+    assert number(lines["trainable"], "parameters") == lora and "lora on the encoder" in lines["trainable"]
+    assert number(lines["backbone"], "parameters") == sum(p.numel() for p in clip.parameters())
+
+
+def cpu_acc():
+    return SimpleNamespace(device=torch.device("cpu"))
+
+
+def test_notes_say_what_is_off(monkeypatch):
+    cfg = load_config(None, ["data.source=synthetic", "train.precision=fp32", "train.trackers=[]"])
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert notes(cfg, cpu_acc(), 1000) == []
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    [line] = notes(cfg, cpu_acc(), 1000)
+    assert "mixed_precision=fp16 is overridden by train.precision=fp32" in line
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    cfg = load_config(None, ["data.source=synthetic", "train.trackers=[]"])  # the recipe defaults: bf16, flux-paper
+    bf16, big = notes(cfg, cpu_acc(), LARGE_FOR_CPU + 1)
+    assert "train.precision=fp32" in bf16 and "model.denoiser=flux-tiny" in big and "flux-paper" in big
+    assert notes(cfg, SimpleNamespace(device=torch.device("cuda")), LARGE_FOR_CPU + 1) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_a_missing_default_tracker_is_one_line(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    cfg = load_config(None, ["data.source=synthetic", "train.precision=fp32"])
+    assert cfg.train.trackers == ["tensorboard"]
+    [line] = notes(cfg, cpu_acc(), 1000)
+    assert "tensorboard not installed" in line and "train.trackers=[]" in line
+
+
+def test_thread_count(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.6, 0.0, 0.0))
+    monkeypatch.setattr(threads, "available_cpus", lambda: 4)
+    assert threads.default_threads() == 2  # two CPUs busy with other work
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert threads.default_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        if not torch.cuda.is_available():
+            assert threads.set_cpu_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_images_line_of_shards_and_caches(tmp_path):
+    from genhancer import summary
+
+    for i in range(3):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+    cfg = load_config(None, [f"data.path={tmp_path}/{{00000..00002}}.tar"])
+    assert summary._images(cfg, None, 8) == f"3 .tar shards at {tmp_path}/{{00000..00002}}.tar (image count unknown " \
+                                            "until read)"
+    cfg.data.source = "cache"
+    assert summary._images(cfg, 5, 8).startswith("40 cached samples per epoch")
