@@ -326,8 +326,10 @@ class SkipStats:
         return line + (": " + ", ".join(f"{r} {n}" for r, n in reasons) if reasons else "")
 
     def check(self, limit: float, min_seen: int = 200) -> None:
-        """Raise :class:`ConfigError` when more than ``limit`` of at least ``min_seen`` samples were skipped."""
-        if self.seen >= min_seen and self.fraction > limit:
+        """Raise :class:`ConfigError` when more than ``limit`` of the samples seen were skipped, counting at least
+        ``min_seen``: early on, ``limit * min_seen`` bad samples are allowed before the share is judged, and
+        ``limit=0`` stops at the first bad sample."""
+        if self.skipped > limit * max(self.seen, min_seen):
             raise ConfigError(f"{self.summary()}, more than data.max_skip_fraction={limit}: remove or repair the "
                               f"unreadable files, or raise data.max_skip_fraction")
 
@@ -368,9 +370,20 @@ class Loader:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Ctrl-C / SIGTERM reach the whole process group: workers leave them to the trainer, which stops cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Ctrl-C / SIGTERM / SIGHUP reach the whole process group: workers leave them to the trainer, which stops
+    cleanly."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def open_files(cfg: DataConfig) -> ImageFolder | ShardSource | None:
+    """The folder or shards that ``cfg`` names, listed (so a wrong ``data.path`` fails here, in a second, before
+    any model is built); None for the other sources."""
+    if cfg.source == "folder":
+        return ImageFolder(cfg.path)
+    if cfg.source == "webdataset":
+        return ShardSource(cfg.path)
+    return None
 
 
 def build_loader(cfg: DataConfig, image_size: int, *, seed: int, rank: int = 0, world: int = 1, batch_size: int,
@@ -384,14 +397,11 @@ def build_loader(cfg: DataConfig, image_size: int, *, seed: int, rank: int = 0, 
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
     if source is None:
-        if cfg.source == "folder":
-            source = ImageFolder(cfg.path)
-        elif cfg.source == "synthetic":
-            source = SyntheticImages(cfg.synthetic_size, size=image_size)
-        elif cfg.source == "webdataset":
-            source = ShardSource(cfg.path)
-        else:
+        source = open_files(cfg)
+    if source is None:
+        if cfg.source != "synthetic":
             raise ConfigError(f"data.source={cfg.source} needs its dataset passed to build_loader(source=...)")
+        source = SyntheticImages(cfg.synthetic_size, size=image_size)
     workers = cfg.num_workers
     loader_kw = dict(num_workers=workers, collate_fn=partial(_collate, size=image_size), persistent_workers=False,
                      worker_init_fn=_ignore_stop_signals if workers > 0 else None)
