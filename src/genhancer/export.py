@@ -17,7 +17,8 @@ from .backbones import build_backbone, resolve_source
 from .checkpoint import load_checkpoint, load_run_config, resolve_checkpoint
 from .config import RunConfig
 from .enhancer import adapt_encoder, load_backbone_weights, merge_encoder
-from .errors import ConfigError
+from .errors import ConfigError, WriteError
+from .storage import WRITE_ERRORS, write_fix, write_problem
 
 SIDE_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "spiece.model", "added_tokens.json")
@@ -68,6 +69,10 @@ def export_model(run: str | Path, out_dir: str | Path) -> Path:
         if out.exists():
             out.rmdir()
         tmp.rename(out)
+    except WRITE_ERRORS as e:  # safetensors reports a full disk as a SafetensorError, not an OSError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(f"export to {out} not written: {write_problem(e)}; its partial files are removed. "
+                         f"{write_fix(e, str(out.parent))} and export again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt_io
 from .config import RunConfig, to_dict
 from .errors import ConfigError, WriteError
-from .storage import WRITE_ERRORS, append_all, write_fix, write_problem, write_text_atomic
+from .storage import append_all, write_fix, write_problem, write_text_atomic
 
 LOCK = ".lock"
 TRACES = ("config.yaml", "metrics.jsonl", "data_report.json", LOCK)  # what a run writes
@@ -104,21 +104,25 @@ class RunFolder:
         self._release(remove=exc_type is not None)
 
 
-def intact(run: Path) -> str:
-    """What a failed write leaves usable, for its error message."""
+def write_failed(what: str, run: Path, error: Exception) -> WriteError:
+    """The one-line error of a failed write: what failed and why, which checkpoint is intact, and the fix."""
     last = ckpt_io.latest_checkpoint(run, quiet=True)
-    return f"the last checkpoint {last} is intact" if last else "no checkpoint was written yet"
+    kept, again = (f"the last checkpoint {last} is intact", "rerun with --resume") if last else \
+        ("no checkpoint was written yet", "start the run again")
+    return WriteError(f"{what} not written: {write_problem(error)}; {kept}. {write_fix(error)} and {again}")
 
 
 def open_run_dir(acc: Accelerator, run: Path, cfg: RunConfig, step: int) -> None:
     """Everything is checked: only now does the run leave traces on disk (config.yaml, metrics up to ``step``)."""
     if acc.is_main_process:
+        text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        config = run / "config.yaml"
         try:
-            write_text_atomic(run / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            if not config.is_file() or config.read_text() != text:  # a resume with the same settings writes nothing
+                write_text_atomic(config, text)
             _truncate_metrics(run / "metrics.jsonl", step)
         except OSError as e:
-            raise WriteError(f"{run / 'config.yaml'} not written: {write_problem(e)}; {intact(run)}. "
-                             f"{write_fix(e)} and start again") from None
+            raise write_failed(str(config), run, e) from None
     acc.wait_for_everyone()
 
 
@@ -161,13 +165,12 @@ class RunLog:
                 try:
                     append_all(self.metrics, (json.dumps(record) + "\n").encode())
                 except OSError as e:
-                    raise WriteError(f"metrics.jsonl not written at step {step}: {write_problem(e)}; "
-                                     f"{intact(self.run)}. {write_fix(e)} and rerun with --resume") from None
+                    raise write_failed(f"{self.run / 'metrics.jsonl'} (step {step})", self.run, e) from None
             self.acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
-    def say(self, line: str) -> None:
-        """A line of its own on the main process, not glued to the progress bar."""
-        if self.acc.is_main_process:
+    def say(self, line: str, everywhere: bool = False) -> None:
+        """A line of its own on the main process (or on every one), not glued to the progress bar."""
+        if everywhere or self.acc.is_main_process:
             tqdm.write(line)
 
     def close(self) -> None:
@@ -187,8 +190,7 @@ def write_data_report(acc: Accelerator, run: Path, stats, counters: dict) -> Non
                 {"seen": stats.seen, "skipped": stats.skipped, "by_reason": stats.by_reason,
                  "nonfinite_steps": nonfinite, "empty_steps": empty}, indent=1))
         except OSError as e:
-            raise WriteError(f"{run / 'data_report.json'} not written: {write_problem(e)}; {intact(run)}. "
-                             f"{write_fix(e)} and rerun with --resume to write it") from None
+            raise write_failed(str(run / "data_report.json"), run, e) from None
 
 
 def flat(d: dict, prefix: str = "") -> dict:

@@ -98,6 +98,8 @@ def _run(cfg: RunConfig, run: Path, resume: bool, acc: Accelerator, backend: Bac
             while step < total:
                 record = train_step(step, model, backend, enh, batches, cfg)
                 step += 1
+                for name, reason in loader.take_skipped():
+                    log.say(f"step {step}: skipped {name} ({reason})", everywhere=True)
                 _count_skipped(record, progress.counters, log, t.max_consecutive_nonfinite, last_ckpt)
                 loader.stats.check(cfg.data.max_skip_fraction)
                 log.log(record)
