@@ -20,7 +20,7 @@ _CAUSES = {  # errno -> (the words of the OS message, as safetensors passes it o
     errno.EDQUOT: ("quota", "the disk quota is exceeded"),
     errno.EROFS: ("read-only file system", "the file system is read-only"),
     errno.EACCES: ("permission denied", "permission denied"),
-    errno.EPERM: ("operation not permitted", "the folder is not writable (immutable or protected)"),
+    errno.EPERM: ("operation not permitted", "operation not permitted, e.g. an immutable folder"),
 }
 
 
