@@ -25,7 +25,7 @@ from accelerate.utils import gather_object
 from . import checkpoint as ckpt_io
 from .backends import Backend, build_backend, make_accelerator
 from .cache import fingerprint
-from .config import RunConfig, to_dict
+from .config import RunConfig, from_dict, to_dict
 from .data import build_loader, open_files
 from .enhancer import Enhancer, apply_stage, build_enhancer
 from .errors import ConfigError, TrainingError
@@ -65,10 +65,10 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
     """Run one stage as ``cfg`` says; returns the run folder (config.yaml, metrics.jsonl, checkpoints/)."""
     resume = cfg.train.resume if resume is None else resume
     files = open_files(cfg.data)  # a wrong data.path fails now, not after minutes of model loading
-    acc = accelerator or make_accelerator(cfg)
-    if cfg.train.precision == "fp16" and acc.device.type == "cpu":
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():  # accelerate would quietly run fp32
         raise ConfigError("train.precision=fp16 needs a GPU (the CPU has no fp16 loss scaling): use "
                           "train.precision=fp32 or bf16")
+    acc = accelerator or make_accelerator(cfg)
     backend = build_backend(acc, cfg)
     with RunFolder(cfg, resume, acc.is_main_process) as folder:
         _run(cfg, folder.path, resume, acc, backend, files)
@@ -268,7 +268,7 @@ def _warn_if_not_exact(ckpt: Path, state: dict, cfg: RunConfig, world: int, cpu:
     """Any setting that decides what a step computes, the process count and (on the CPU) the thread count may
     change on resume (e.g. another node count, a lower lr), but the run then no longer continues as the
     uninterrupted one would: say so, naming each change."""
-    was, now = flat(state.get("config", {})), flat(to_dict(cfg))
+    was, now = _settings(state.get("config", {})), _settings(to_dict(cfg))
     changed = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(was.keys() & now.keys())
                if k not in BOOKKEEPING and was[k] != now[k]]
     if state.get("world_size", world) != world:
@@ -278,6 +278,16 @@ def _warn_if_not_exact(ckpt: Path, state: dict, cfg: RunConfig, world: int, cpu:
     if changed:
         warnings.warn(f"resuming {ckpt} with {', '.join(changed)}: the run continues, but it no longer matches an "
                       "uninterrupted run (data order, random draws or numerics differ)", stacklevel=4)
+
+
+def _settings(config: dict) -> dict:
+    """A run's settings as flat ``section.key`` pairs, with the learning rate the run really uses."""
+    out = flat(config)
+    try:
+        out["optim.lr"] = from_dict(config).lr  # None means the stage's default
+    except ConfigError:  # written by another version: compare as written
+        pass
+    return out
 
 
 def _save(backend: Backend, run: Path, step: int, enh: Enhancer, loader, counters: dict, cfg: RunConfig,
