@@ -8,6 +8,7 @@ Every write goes through ``storage.py``: a full disk or a read-only folder ends 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -89,13 +90,12 @@ class RunFolder:
     def _release(self, remove: bool) -> None:
         """Unlock; with ``remove``, first delete what this run wrote into a folder that held no run."""
         if remove and self.main and self._fresh and not ckpt_io.list_checkpoints(self.path):
-            for name in TRACES:
-                (self.path / name).unlink(missing_ok=True)
-            if self._created:
-                try:
-                    self.path.rmdir()
-                except OSError:  # something else was put there meanwhile: leave it
-                    pass
+            # best effort: this runs on the way out of another error, which must stay the one reported
+            with contextlib.suppress(OSError):
+                for name in TRACES:
+                    (self.path / name).unlink(missing_ok=True)
+                if self._created:
+                    self.path.rmdir()  # fails, and so stays, if anything else was put there meanwhile
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

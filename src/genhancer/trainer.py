@@ -55,7 +55,7 @@ class Progress:
 
     step: int = 0
     position: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0})
-    counters: dict = field(default_factory=lambda: {"nonfinite": 0, "skipped_steps": 0, "empty_steps": 0})
+    counters: dict = field(default_factory=lambda: {"nonfinite": 0, "skipped_steps": 0})  # + "empty_steps" once any
     data_stats: dict | None = None
     optimizer: dict | None = None
     checkpoint: Path | None = None
