@@ -7,6 +7,7 @@ the kernel has already released, so the ``--resume`` that follows goes ahead.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,16 +41,29 @@ def errors(log: Path) -> list[str]:
 
 def test_two_runs_started_at_once_one_gets_the_folder_the_other_exits_2(tiny_clip, overrides, tmp_path):
     run = tmp_path / "run"
-    args = ["train", *overrides(tiny_clip, run, steps=3)]
+    args = ["train", *overrides(tiny_clip, run, steps=1000, train__save_every=1000)]  # runs until stopped
     procs = [start(args, tmp_path / f"{i}.log") for i in range(2)]
-    codes = [p.wait(300) for p in procs]
-    assert sorted(codes) == [0, 2], [p.read_text()[-1500:] for p in tmp_path.glob("*.log")]
-    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
-    assert errors(tmp_path / f"{loser}.log") == [
-        f"error: train.output_dir '{run}' is in use by another run (PID {procs[winner].pid}): wait for it to end or "
-        "stop it, or choose another train.output_dir"]
-    assert [p.name for p in list_checkpoints(run)] == ["step-0000002", "step-0000003"]
-    assert (run / "metrics.jsonl").read_text().count("\n") == 3  # one run's rows, each once
+    try:
+        deadline = time.monotonic() + 300
+        while all(p.poll() is None for p in procs):
+            assert time.monotonic() < deadline, "neither run stopped"
+            time.sleep(0.05)
+        loser = next(i for i, p in enumerate(procs) if p.poll() is not None)
+        winner = procs[1 - loser]
+        assert procs[loser].returncode == 2 and winner.poll() is None, (tmp_path / f"{loser}.log").read_text()[-1500:]
+        assert errors(tmp_path / f"{loser}.log") == [
+            f"error: train.output_dir '{run}' is in use by another run (PID {winner.pid}): wait for it to end or "
+            "stop it, or choose another train.output_dir"]
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text(), winner,
+                 "a first step")
+        winner.send_signal(signal.SIGTERM)
+        assert winner.wait(120) == 0
+    finally:
+        for p in procs:
+            p.kill()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # one run's rows, each once
+    assert [p.name for p in list_checkpoints(run)] == [f"step-{len(steps):07d}"]
 
 
 def test_a_run_in_use_refuses_a_resume_and_a_kill_releases_the_lock(tiny_clip, overrides, tmp_path, capsys):
