@@ -64,6 +64,8 @@ def test_two_runs_started_at_once_one_gets_the_folder_the_other_exits_2(tiny_cli
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))  # one run's rows, each once
     assert [p.name for p in list_checkpoints(run)] == [f"step-{len(steps):07d}"]
+    # the refused run touched none of the winner's files, its lock file included
+    assert (run / ".lock").read_text().strip() == str(winner.pid) and (run / "config.yaml").is_file()
 
 
 def test_a_run_in_use_refuses_a_resume_and_a_kill_releases_the_lock(tiny_clip, overrides, tmp_path, capsys):

@@ -38,12 +38,26 @@ class RunFolder:
     the folder does not look like a run to resume.
     """
 
-    def __init__(self, cfg: RunConfig, resume: bool, main: bool = True):
-        self.path, self.resume, self.main = Path(cfg.train.output_dir), resume, main
+    def __init__(self, cfg: RunConfig, resume: bool, main: bool = True, anyone=bool):
+        """``anyone(flag)``: whether ``flag`` is set on any process (collective), so that every process stops when
+        the main one cannot take the folder, instead of waiting for it in a collective."""
+        self.path, self.resume, self.main, self._anyone = Path(cfg.train.output_dir), resume, main, anyone
         self._fd: int | None = None
         self._created = self._fresh = False
 
     def __enter__(self) -> "RunFolder":
+        error = None
+        try:
+            self._open()
+        except ConfigError as e:
+            error = e
+        if self._anyone(error is not None):
+            self._release(remove=True)
+            raise error or ConfigError(f"the main process could not take train.output_dir '{self.path}': see its "
+                                       "error line")
+        return self
+
+    def _open(self) -> None:
         run = self.path
         if run.exists() and not run.is_dir():
             raise ConfigError(f"train.output_dir '{run}' is a file: choose a folder")
@@ -54,7 +68,7 @@ class RunFolder:
         if self.resume and self._fresh:
             raise ConfigError(f"nothing to resume in {run}: check train.output_dir, or drop --resume to start a new run")
         if not self.main:
-            return self
+            return
         self._created = not run.exists()
         try:
             run.mkdir(parents=True, exist_ok=True)
@@ -72,7 +86,6 @@ class RunFolder:
             self._release(remove=False)
             raise ConfigError(f"'{run}' already holds checkpoints of a run: pass --resume to continue it, "
                               "or choose another train.output_dir")
-        return self
 
     def _lock(self) -> None:
         self._fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -88,8 +101,9 @@ class RunFolder:
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def _release(self, remove: bool) -> None:
-        """Unlock; with ``remove``, first delete what this run wrote into a folder that held no run."""
-        if remove and self.main and self._fresh and not ckpt_io.list_checkpoints(self.path):
+        """Unlock; with ``remove``, first delete what this run wrote into a folder that held no run. Only the
+        holder of the lock removes anything: a run refused by the lock must not touch the other's files."""
+        if remove and self._fd is not None and self._fresh and not ckpt_io.list_checkpoints(self.path):
             # best effort: this runs on the way out of another error, which must stay the one reported
             with contextlib.suppress(OSError):
                 for name in TRACES:

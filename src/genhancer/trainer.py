@@ -70,7 +70,7 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
                           "train.precision=fp32 or bf16")
     acc = accelerator or make_accelerator(cfg)
     backend = build_backend(acc, cfg)
-    with RunFolder(cfg, resume, acc.is_main_process) as folder:
+    with RunFolder(cfg, resume, acc.is_main_process, anyone=lambda flag: _anyone(acc, flag)) as folder:
         _run(cfg, folder.path, resume, acc, backend, files)
     return folder.path
 
