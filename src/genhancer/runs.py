@@ -80,8 +80,10 @@ class RunFolder:
                     os.unlink(probe)
         except OSError as e:
             self._release(remove=True)
-            raise ConfigError(f"train.output_dir '{run}' is not writable ({write_problem(e)}): choose a folder "
-                              "where this user can write") from None
+            problem = write_problem(e)
+            fix = "free space on it" if "full" in problem or "quota" in problem else \
+                "choose a folder where this user can write"
+            raise ConfigError(f"train.output_dir '{run}' is not writable ({problem}): {fix}") from None
         if ckpt_io.list_checkpoints(run) and not self.resume:
             self._release(remove=False)
             raise ConfigError(f"'{run}' already holds checkpoints of a run: pass --resume to continue it, "
