@@ -221,8 +221,8 @@ def resolve_checkpoint(path: str | Path, fallback: bool = True) -> Path:
             raise CheckpointError(f"checkpoint {p} is unusable: {problem}; pass its run folder to use the newest good one")
         return p
     every = list_checkpoints(p)
-    if not fallback and every and verify(every[-1]) is not None:
-        raise CheckpointError(f"the newest checkpoint {every[-1]} is unusable: {verify(every[-1])}; pass an older "
+    if not fallback and every and (problem := verify(every[-1])):
+        raise CheckpointError(f"the newest checkpoint {every[-1]} is unusable: {problem}; pass an older "
                               "checkpoint folder explicitly to use it, or rerun the stage-1 run with --resume")
     ckpt = latest_checkpoint(p)
     if ckpt is None:
