@@ -12,6 +12,7 @@ position to continue bit for bit, and a run with N processes sees the same globa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, init_empty_weights
 from accelerate.utils import gather_object
 
 from . import checkpoint as ckpt_io
@@ -65,6 +66,7 @@ def train(cfg: RunConfig, resume: bool | None = None, accelerator: Accelerator |
     """Run one stage as ``cfg`` says; returns the run folder (config.yaml, metrics.jsonl, checkpoints/)."""
     resume = cfg.train.resume if resume is None else resume
     files = open_files(cfg.data)  # a wrong data.path fails now, not after minutes of model loading
+    _check_shapes(cfg)
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():  # accelerate would quietly run fp32
         raise ConfigError("train.precision=fp16 needs a GPU (the CPU has no fp16 loss scaling): use "
                           "train.precision=fp32 or bf16")
@@ -181,6 +183,16 @@ def _anyone(acc: Accelerator, flag: bool) -> bool:
     if acc.num_processes == 1:
         return flag
     return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "sum").item())
+
+
+def _check_shapes(cfg: RunConfig) -> None:
+    """Build the model from its configs alone, on the meta device, so that a denoiser that cannot take this
+    backbone or latent space (``model.denoiser_arch``) fails in a second rather than after minutes of loading."""
+    if cfg.model.latent not in ("pixel", "flux-vae"):  # the other latent spaces need their weights for their shapes
+        return
+    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, random_init=True))
+    with init_empty_weights():  # diffusers' autoencoder cannot be built under torch.device("meta") itself
+        build_enhancer(probe, device="meta")
 
 
 def _build(cfg: RunConfig, acc: Accelerator) -> tuple[Enhancer, torch.optim.Optimizer]:
