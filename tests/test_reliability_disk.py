@@ -160,7 +160,7 @@ def refuses_before_any_model(monkeypatch):
     def no_model(*a, **kw):
         raise AssertionError("the model was built before the folder was checked")
 
-    monkeypatch.setattr(trainer, "build_enhancer", no_model)
+    monkeypatch.setattr(trainer, "_build", no_model)
 
 
 def test_a_read_only_or_uncreatable_output_dir_is_refused_before_any_model(tiny_clip, overrides, tmp_path, disk,

@@ -392,7 +392,7 @@ def test_a_wrong_data_path_is_refused_before_any_model_is_built(tiny_clip, overr
     def no_model(*a, **kw):
         raise AssertionError("the model was built before data.path was checked")
 
-    monkeypatch.setattr(trainer, "build_enhancer", no_model)
+    monkeypatch.setattr(trainer, "_build", no_model)
     for source in ("folder", "webdataset"):
         code, _, err = cli(["train", *overrides(tiny_clip, tmp_path / "run", data__source=source,
                                                 data__path=tmp_path / "nowhere")], capsys)
