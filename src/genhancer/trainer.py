@@ -81,7 +81,8 @@ def _run(cfg: RunConfig, run: Path, resume: bool, acc: Accelerator, backend: Bac
     """Setup -> resume -> ``for step: train_step; log; maybe save`` in the locked run folder."""
     t = cfg.train
     enh, opt = _build(cfg, acc)
-    backbone_id = fingerprint(enh.backbone.vision) if cfg.stage.stage == "stage1" else None  # for stage 2's check
+    # stage 2 checks that its backbone is this one (only the main process writes checkpoints)
+    backbone_id = fingerprint(enh.backbone.vision) if cfg.stage.stage == "stage1" and acc.is_main_process else None
     progress = _resume(run, enh, acc, cfg) if resume else Progress()
     loader = _loader(cfg, enh, acc, progress, files)
     step, total = progress.step, _total_steps(cfg, loader)
