@@ -66,7 +66,8 @@ class RunFolder:
             raise ConfigError(f"train.output_dir '{run}' is inside '{parent}', which is a file: choose a folder")
         self._fresh = not (run / "config.yaml").is_file() and not ckpt_io.list_checkpoints(run)
         if self.resume and self._fresh:
-            raise ConfigError(f"nothing to resume in {run}: check train.output_dir, or drop --resume to start a new run")
+            raise ConfigError(f"nothing to resume in {run}: check train.output_dir, or drop --resume to start a new "
+                              "run")
         if not self.main:
             return
         self._created = not run.exists()

@@ -143,7 +143,8 @@ def train_step(step: int, model: torch.nn.Module, backend: Backend, enh: Enhance
         torch.manual_seed(derive_seed("dropout", t.seed, step, micro, rank))
         b = len(batch["index"])
         if b == 0:  # others have images: join their all-reduce with a stand-in whose loss weighs nothing
-            batch = {"pixels": torch.full((1, 3, enh.image_size, enh.image_size), 0.5), "slot": torch.zeros(1).long()}
+            batch = {"pixels": torch.full((1, 3, enh.image_size, enh.image_size), 0.5),
+                     "slot": torch.zeros(1, dtype=torch.long)}
         # each kept sample takes the draws of its slot in the global micro-batch
         mine = {k: v[rank * t.batch_size + batch["slot"]].to(device) for k, v in draws.items()}
         data = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
@@ -174,9 +175,10 @@ def _count_skipped(record: dict, counters: dict, log: RunLog, max_in_a_row: int,
     counters["skipped_steps"] += 1
     log.say(f"step {step}: non-finite {reason}, update skipped")
     if counters["nonfinite"] > max_in_a_row:
-        fix = "raise optim.eps or lower optim.lr" if reason == "update" else "lower optim.lr or use train.precision=fp32"
+        fix = "Raise optim.eps or lower optim.lr" if reason == "update" else \
+            "Lower optim.lr or use train.precision=fp32"
         raise TrainingError(f"{counters['nonfinite']} non-finite steps in a row up to step {step}: the run diverged; "
-                            f"last good checkpoint: {last_ckpt or 'none'}. {fix[0].upper()}{fix[1:]}")
+                            f"last good checkpoint: {last_ckpt or 'none'}. {fix}")
 
 
 def _anyone(acc: Accelerator, flag: bool) -> bool:
