@@ -133,13 +133,16 @@ def open_run_dir(acc: Accelerator, run: Path, cfg: RunConfig, step: int) -> None
     """Everything is checked: only now does the run leave traces on disk (config.yaml, metrics up to ``step``)."""
     if acc.is_main_process:
         text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-        config = run / "config.yaml"
+        config, metrics = run / "config.yaml", run / "metrics.jsonl"
         try:
             if not config.is_file() or config.read_text() != text:  # a resume with the same settings writes nothing
                 write_text_atomic(config, text)
-            _truncate_metrics(run / "metrics.jsonl", step)
         except OSError as e:
             raise write_failed(str(config), run, e) from None
+        try:
+            _truncate_metrics(metrics, step)
+        except OSError as e:
+            raise write_failed(str(metrics), run, e) from None
     acc.wait_for_everyone()
 
 
