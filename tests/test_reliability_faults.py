@@ -252,7 +252,7 @@ def finite(ckpt: Path) -> bool:
 
 
 @pytest.mark.parametrize("settings, reason", [(dict(optim__eps=0, optim__lr=10), "update"),
-                                              (dict(optim__lr=1e6), None)])
+                                              (dict(optim__lr=1e6), None)], ids=["eps=0,lr=10", "lr=1e6"])
 def test_a_non_finite_update_is_skipped_and_only_finite_weights_are_saved(tiny_clip, overrides, tmp_path, capsys,
                                                                           settings, reason):
     """eps=0 makes AdamW divide 0 by 0 where a gradient is 0; lr=1e6 blows the weights up until the loss is NaN."""
