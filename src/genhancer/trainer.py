@@ -157,7 +157,7 @@ def train_step(step: int, model: torch.nn.Module, backend: Backend, enh: Enhance
     grad_norm, skipped = backend.step(loss_finite=math.isfinite(loss_value))
     dt = time.perf_counter() - t0
     record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-              "images_per_s": n_images * world / dt, "s_per_step": dt}
+              "images_per_s": everyone / dt, "s_per_step": dt}
     return {**record, "skipped": skipped} if skipped else record
 
 
