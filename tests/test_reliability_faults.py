@@ -1,9 +1,9 @@
-"""Fault injection, part 2: full disks, checkpoint pruning, non-finite losses and gradients, bad data, and
-environment faults, on tiny in-process runs (no real kill needed here)."""
+"""Fault injection, part 2: checkpoint pruning, non-finite losses, gradients and updates, bad data, resume
+mistakes, and config and environment faults, on tiny in-process runs (no real kill needed here). A real full disk
+is in ``test_reliability_disk.py``, two runs in one folder in ``test_reliability_lock.py``."""
 
 from __future__ import annotations
 
-import errno
 import json
 from pathlib import Path
 
@@ -42,58 +42,6 @@ def same(a: Path, b: Path) -> bool:
 
 def ckpt(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:07d}"
-
-
-# ----------------------------------------------------------------------------------------------- disk full
-
-
-def disk_fills_at(monkeypatch, call: int) -> None:
-    """The ``call``-th safetensors write (1-based) writes half a file, then the disk is full."""
-    real, calls = ckpt_io.save_file, []
-
-    def save_file(tensors, filename, *a, **kw):
-        calls.append(filename)
-        real(tensors, filename, *a, **kw)
-        if len(calls) == call:
-            data = Path(filename).read_bytes()
-            Path(filename).write_bytes(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(ckpt_io, "save_file", save_file)
-
-
-@pytest.mark.parametrize("call, step, kept", [(3, 2, "the previous checkpoint {prev} is intact"),
-                                              (2, 1, "no earlier checkpoint exists")])
-def test_disk_full_during_a_write_keeps_the_previous_checkpoint_and_stops(tiny_clip, overrides, tmp_path, capsys,
-                                                                          monkeypatch, call, step, kept):
-    # writes: step 1 weights (1), step 1 optimizer (2), step 2 weights (3)
-    disk_fills_at(monkeypatch, call)
-    run = tmp_path / "run"
-    code, out, err = cli(["train", *overrides(tiny_clip, run, steps=2, train__save_every=1)], capsys)
-    assert code == 2 and len(err) == 1, err
-    prev = ckpt(run, 1)
-    assert err[0] == (f"error: checkpoint of step {step} not written: the disk is full; {kept.format(prev=prev)}. "
-                      "Free space under train.output_dir and rerun with --resume")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == (["step-0000001"] if step == 2 else [])
-    if step == 2:
-        assert verify(prev) is None and json.loads((prev / "state.json").read_text())["step"] == 1
-        monkeypatch.undo()  # space freed: the run continues from the intact checkpoint
-        code, out, err = cli(["train", *overrides(tiny_clip, run, steps=2, train__save_every=1), "--resume"], capsys)
-        assert code == 0 and not err and f"resumed from {prev} at step 1" in out
-        assert [p.name for p in list_checkpoints(run)] == ["step-0000001", "step-0000002"]
-
-
-def test_disk_full_writing_state_json_leaves_no_temporary_folder(tmp_path, monkeypatch):
-    w, opt = {"a": torch.ones(3)}, {"state": {0: {"step": torch.tensor(1.0)}}, "param_groups": [{"params": [0]}]}
-    first = save_checkpoint(tmp_path, 1, w, opt, {}, keep_last=3)
-
-    def full(*a, **kw):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(ckpt_io.json, "dump", full)
-    with pytest.raises(CheckpointError, match=f"the disk is full; the previous checkpoint {first} is intact"):
-        save_checkpoint(tmp_path, 2, w, opt, {}, keep_last=3)
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000001"] and verify(first) is None
 
 
 # ----------------------------------------------------------------------------------------------- pruning
@@ -284,6 +232,7 @@ def test_output_dir_inside_a_file_is_refused_before_any_work(tiny_clip, override
     assert code == 2 and len(err) == 1 and "is a file" in err[0] and str(blocker) in err[0], err
 
 
+@pytest.mark.filterwarnings("ignore:resuming")  # another stage is named as a changed setting, then refused
 @pytest.mark.parametrize("change", ["model.denoiser_arch={depth_double: 2}", "model.denoiser_arch={ctx_dim: 32}",
                                     "stage.stage=e2e"])
 def test_resume_with_other_model_settings_is_refused(tiny_clip, overrides, tmp_path, capsys, change):
@@ -293,3 +242,181 @@ def test_resume_with_other_model_settings_is_refused(tiny_clip, overrides, tmp_p
     code, _, err = cli(["train", *overrides(tiny_clip, run, steps=4), change, "--resume"], capsys)
     assert code == 2 and len(err) == 1 and "step-0000002" in err[0] and "same" in err[0], err
     assert [p.name for p in list_checkpoints(run)] == ["step-0000002"]
+
+
+# ----------------------------------------------------------------------------------------------- second pass
+
+
+def finite(ckpt: Path) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors(ckpt).values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("settings, reason", [(dict(optim__eps=0, optim__lr=10), "update"),
+                                              (dict(optim__lr=1e6), None)], ids=["eps=0,lr=10", "lr=1e6"])
+def test_a_non_finite_update_is_skipped_and_only_finite_weights_are_saved(tiny_clip, overrides, tmp_path, capsys,
+                                                                          settings, reason):
+    """eps=0 makes AdamW divide 0 by 0 where a gradient is 0; lr=1e6 blows the weights up until the loss is NaN."""
+    run = tmp_path / "run"
+    code, out, err = cli(["train", *overrides(tiny_clip, run, steps=20, train__save_every=1, train__keep_last=20,
+                                              train__max_consecutive_nonfinite=2, **settings)], capsys)
+    assert code == 1 and len(err) == 1, err
+    named = Path(err[0].split("last good checkpoint: ")[1].split(". ")[0])
+    assert verify(named) is None and finite(named)
+    assert list_checkpoints(run) and all(finite(c) for c in list_checkpoints(run))
+    if reason == "update":  # no step could apply: every checkpoint still holds the initial weights
+        assert "step 1: non-finite update, update skipped" in out
+        assert err[0].endswith("Raise optim.eps or lower optim.lr")
+        assert named == ckpt(run, 2) and same(ckpt(run, 1), ckpt(run, 2))
+
+
+def tar_shard(path: Path, samples: int) -> Path:
+    """A webdataset shard whose samples have a caption and metadata, but no image."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for i in range(samples):
+            for ext, data in (("txt", b"a caption"), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("source", ["16 empty files", "an image-less shard"])
+def test_batches_without_a_readable_image_are_skipped_until_the_limit_stops_the_run(tiny_clip, overrides, tmp_path,
+                                                                                    capsys, source):
+    if source == "16 empty files":
+        data = dict(data__source="folder", data__path=image_folder(tmp_path / "images", good=0, empty=16))
+        reason = "empty-file"
+    else:
+        data = dict(data__source="webdataset", data__path=tar_shard(tmp_path / "shard.tar", 4))
+        reason = "no-image"
+    run = tmp_path / "run"
+    code, out, err = cli(["train", *overrides(tiny_clip, run, steps=5, train__save_every=10, **data)], capsys)
+    # the first 0.05 x 200 = 10 bad samples are allowed before the share is judged: step 3 passes that
+    assert code == 2 and err == [f"error: skipped 12 of 12 samples (100.0%): {reason} 12, more than "
+                                 "data.max_skip_fraction=0.05: remove or repair the unreadable files, or raise "
+                                 "data.max_skip_fraction"]
+    assert "step 1: no readable image in its batch, update skipped" in out
+    assert not run.exists()  # no checkpoint yet: the run leaves no config.yaml or empty metrics.jsonl behind
+    code, out, err = cli(["train", *overrides(tiny_clip, run, steps=2, data__max_skip_fraction=1,
+                                              train__save_every=1, **data)], capsys)
+    assert code == 0 and not err
+    report = json.loads((run / "data_report.json").read_text())
+    assert (report["skipped"], report["empty_steps"], report["nonfinite_steps"]) == (8, 2, 0)
+    assert same(ckpt(run, 1), ckpt(run, 2))  # nothing learned, the Adam state untouched
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_nine_bad_files_of_ten_train_on_the_good_one_and_resume_bit_exactly(tiny_clip, overrides, tmp_path, capsys,
+                                                                            grad_accum):
+    """Batches of 5 over 1 good and 9 empty files: one micro-batch of each epoch has no image. With grad_accum=1 its
+    step is skipped; with 2 this process trains on the good image alongside a weightless stand-in."""
+    images = image_folder(tmp_path / "images", good=1, empty=9)
+    steps = 4 // grad_accum
+
+    def args(run, n):
+        return ["train", *overrides(tiny_clip, run, steps=n, train__save_every=1, train__batch_size=5,
+                                    train__grad_accum=grad_accum, data__source="folder", data__path=images,
+                                    data__max_skip_fraction=1, train__keep_last=10)]
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    code, out, _ = cli(args(whole, steps), capsys)
+    assert code == 0 and f"skipped {images / 'empty-000.jpg'} (empty-file)" in out
+    assert cli(args(split, steps - 1), capsys)[0] == 0 and cli([*args(split, steps), "--resume"], capsys)[0] == 0
+    assert same(ckpt(whole, steps), ckpt(split, steps))
+    losses = [json.loads(line)["loss"] for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    report = json.loads((whole / "data_report.json").read_text())
+    if grad_accum == 1:
+        assert sum(np.isnan(losses)) == 2 and report["empty_steps"] == 2
+    else:
+        assert np.isfinite(losses).all() and report["empty_steps"] == 0
+    assert not same(ckpt(whole, 1), ckpt(whole, steps))  # the good image was learned from
+
+
+def test_max_skip_fraction_0_stops_at_the_first_bad_sample(tiny_clip, overrides, tmp_path, capsys):
+    images = image_folder(tmp_path / "images", good=7, empty=1)
+    code, out, err = cli(["train", *overrides(tiny_clip, tmp_path / "run", steps=2, data__source="folder",
+                                              data__path=images, data__max_skip_fraction=0)], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: skipped 1 of 4 samples (25.0%): empty-file 1, "
+                                                             "more than data.max_skip_fraction=0.0"), err
+    assert f"skipped {images / 'empty-000.jpg'} (empty-file)" in out
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_resume_into_a_folder_without_a_run_is_refused(tiny_clip, overrides, tmp_path, capsys, where):
+    run = tmp_path / "typo"
+    if where == "empty":
+        run.mkdir()
+    code, _, err = cli(["train", *overrides(tiny_clip, run), "--resume"], capsys)
+    assert code == 2 and err == [f"error: nothing to resume in {run}: check train.output_dir, or drop --resume to "
+                                 "start a new run"]
+    assert run.exists() == (where == "empty") and (where == "missing" or not any(run.iterdir()))
+
+
+def test_resume_names_a_changed_setting_and_thread_count(tiny_clip, overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *overrides(tiny_clip, run, steps=2)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.warns(UserWarning, match=rf"resuming .*step-0000002 with optim.lr 0.0001 -> 0.001, CPU threads "
+                                             rf"{threads} -> {threads + 1} .*: the run continues, but it no longer "
+                                             "matches an uninterrupted run"):
+            code, _, err = cli(["train", *overrides(tiny_clip, run, steps=3, optim__lr=1e-3), "--resume"], capsys)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0 and not err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("optim.betas=[1.5,0.999]", "optim.betas must both be in [0, 1), e.g. optim.betas=[0.9,0.999]; got [1.5, 0.999]"),
+    ("optim.eps=-1", "optim.eps must be >= 0 (the default is 1e-8), got -1.0"),
+    ("optim.weight_decay=-5", "optim.weight_decay must be >= 0 (the default is 0.01), got -5.0"),
+    ("model.denoiser_arch={patch_size: 5}", "a (C, H, W) latent with sides divisible by the patch size 5 is needed"),
+    ("model.denoiser_arch.hidden=30", "hidden 30 / heads 4 must equal sum(axes_dim) 16"),
+    ("train.precision=fp16", "train.precision=fp16 needs a GPU (the CPU has no fp16 loss scaling)"),
+])
+def test_impossible_settings_are_one_line_before_any_model_and_leave_no_files(tiny_clip, overrides, tmp_path, capsys,
+                                                                              monkeypatch, setting, message):
+    def no_model(*a, **kw):
+        raise AssertionError("the model was built before the settings were checked")
+
+    monkeypatch.setattr(trainer, "_build", no_model)  # the shape check builds on the meta device only
+    run = tmp_path / "run"
+    code, _, err = cli(["train", *overrides(tiny_clip, run), setting], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not run.exists()
+
+
+def test_a_wrong_data_path_is_refused_before_any_model_is_built(tiny_clip, overrides, tmp_path, capsys, monkeypatch):
+    def no_model(*a, **kw):
+        raise AssertionError("the model was built before data.path was checked")
+
+    monkeypatch.setattr(trainer, "_build", no_model)
+    for source in ("folder", "webdataset"):
+        code, _, err = cli(["train", *overrides(tiny_clip, tmp_path / "run", data__source=source,
+                                                data__path=tmp_path / "nowhere")], capsys)
+        assert code == 2 and len(err) == 1 and str(tmp_path / "nowhere") in err[0], err
+
+
+def test_stage2_refuses_a_damaged_newest_stage1_checkpoint_and_another_backbone(tiny_clip, overrides, tmp_path,
+                                                                               capsys):
+    from eval_fixtures import save_tiny_clip
+
+    stage1 = tmp_path / "stage1"
+    assert main(["train", *overrides(tiny_clip, stage1, steps=2, train__save_every=1)]) == 0
+    stage2 = ["train", *overrides(tiny_clip, tmp_path / "stage2", stage="stage2", steps=1),
+              f"stage.init_from={stage1}"]
+    other = save_tiny_clip(tmp_path / "other-clip", seed=1, image_size=32)
+    code, _, err = cli([*stage2, f"model.backbone={other}"], capsys)
+    assert code == 2 and err == [f"error: stage.init_from was trained on another backbone (model.backbone={tiny_clip}, "
+                                 "model.weights=None): use the stage-1 run's backbone and weights"]
+    (ckpt(stage1, 2) / "weights.safetensors").write_bytes(b"torn")
+    code, _, err = cli(stage2, capsys)
+    assert code == 2 and err == [f"error: the newest checkpoint {ckpt(stage1, 2)} is unusable: weights.safetensors "
+                                 "truncated; pass an older checkpoint folder explicitly to use it, or rerun the "
+                                 "stage-1 run with --resume"]
+    code, _, err = cli([*stage2[:-1], f"stage.init_from={ckpt(stage1, 1)}"], capsys)
+    assert code == 0 and not err

@@ -123,14 +123,15 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(refe
     assert (run / "data_report.json").read_text() == (reference / "data_report.json").read_text(), context
 
 
-def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(tiny_clip, overrides, tmp_path):
-    """Pre-emption: a real subprocess with a long budget gets SIGTERM once it has logged a step. (Resuming from the
-    checkpoint it leaves is what the SIGKILL test checks bit for bit.)"""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(tiny_clip, overrides, tmp_path, sig):
+    """Pre-emption (SIGTERM) or a closed terminal (SIGHUP): a real subprocess with a long budget gets the signal once
+    it has logged a step. (Resuming from the checkpoint it leaves is what the SIGKILL test checks bit for bit.)"""
     run, log = tmp_path / "run", tmp_path / "term.log"
     proc = start(run_args(overrides, tiny_clip, run, steps=1000, stage="stage1", train__save_every=1000), log)
     try:
         wait_for_steps(proc, run, 1)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(120) == 0, log.read_text()[-2000:]
     finally:
         proc.kill()
@@ -139,7 +140,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(tiny_clip, ov
                          text, re.MULTILINE)  # a line of its own, not glued to the progress bar
     assert len(stopped) == 1, text[-2000:]
     signum, step, ckpt = int(stopped[0][0]), int(stopped[0][1]), Path(stopped[0][2])
-    assert signum == signal.SIGTERM and ckpt == run / "checkpoints" / f"step-{step:07d}" and verify(ckpt) is None
+    assert signum == sig and ckpt == run / "checkpoints" / f"step-{step:07d}" and verify(ckpt) is None
     assert json.loads((ckpt / "state.json").read_text())["step"] == step
     assert list_checkpoints(run) == [ckpt] and len(metrics(run)) == step < 1000
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
@@ -180,10 +181,25 @@ def garble(path: Path) -> None:
     path.write_text('{"step": 5, "manif')
 
 
+def edit_step(path: Path) -> None:
+    """A hand edit that keeps valid JSON and a consistent manifest."""
+    text = path.read_text()
+    assert '"step": 5' in text
+    path.write_text(text.replace('"step": 5', '"step": 4'))
+
+
+def edit_position(path: Path) -> None:
+    state = json.loads(path.read_text())
+    state["data_position"]["batch"] += 1
+    path.write_text(json.dumps(state))
+
+
 @pytest.mark.parametrize("damage, name, problem", [
     (truncate, "weights.safetensors", "weights.safetensors truncated"),
     (flip_a_byte, "optimizer.safetensors", "optimizer.safetensors corrupt (checksum mismatch)"),
     (garble, "state.json", "state.json missing or unreadable"),
+    (edit_step, "state.json", "state.json corrupt (checksum mismatch)"),
+    (edit_position, "state.json", "state.json corrupt (checksum mismatch)"),
 ])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tiny_clip, overrides, tmp_path, capsys,
                                                                   damage, name, problem):

@@ -39,8 +39,9 @@ from safetensors.torch import save_file
 
 from .backbones import resolve_source
 from .config import RunConfig
-from .errors import ConfigError
+from .errors import ConfigError, WriteError
 from .data import build_loader
+from .storage import WRITE_ERRORS, write_fix, write_problem
 
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -171,8 +172,11 @@ def build_cache(cfg: RunConfig, out: str | Path, *, views: int = 1, batch_size: 
                     source={"source": cfg.data.source, "path": cfg.data.path, "skipped": skipped},
                     condition_tokens="global + all patches" if local else "global")
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)  # the manifest comes last: a cache without one is incomplete
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, out / MANIFEST)  # the manifest comes last: a cache without one is incomplete
+    except OSError as e:
+        raise writer.failed(e, tmp) from None
     return out
 
 
@@ -228,11 +232,21 @@ class _ShardWriter:
     def _flush(self, n: int) -> None:
         full = {k: torch.cat(v) for k, v in self.rows.items()}
         name = f"shard-{len(self.shards):05d}.safetensors"
-        save_file({k: v[:n].contiguous() for k, v in full.items()}, str(self.root / name))
+        try:
+            save_file({k: v[:n].contiguous() for k, v in full.items()}, str(self.root / name))
+        except WRITE_ERRORS as e:  # a full disk is a SafetensorError here, not an OSError
+            raise self.failed(e, self.root / name) from None
         self.rows = {k: [v[n:]] for k, v in full.items()}
         self.pending -= n
         self.count += n
         self.shards.append({"file": name, "count": n})
+
+    def failed(self, error: Exception, partial: Path) -> WriteError:
+        """Remove every file of the unfinished cache (a cache is whole or absent) and say why it failed."""
+        for path in [partial, *(self.root / s["file"] for s in self.shards)]:
+            path.unlink(missing_ok=True)
+        return WriteError(f"cache {self.root} not written: {write_problem(error)}; its partial files are removed. "
+                          f"{write_fix(error, str(self.root))} and run `genhancer cache` again")
 
 
 # ----------------------------------------------------------------------------------------------- reading

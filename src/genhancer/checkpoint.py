@@ -5,7 +5,8 @@ A checkpoint is a folder ``<run>/checkpoints/step-0000123/`` holding
 * ``weights.safetensors``: every tensor the run created or changed (the head, and LoRA or tuned encoder weights);
 * ``optimizer.safetensors``: the optimizer's state tensors;
 * ``state.json``: step, data position, RNG states, counters, the optimizer's param groups, the run's config,
-  and a manifest (size and SHA-256 of each file) that tells a complete checkpoint from a truncated one.
+  and a manifest (size and SHA-256 of each file) that tells a complete checkpoint from a truncated one; its own
+  ``checksum`` (SHA-256 of the rest of it) makes an edited step or data position a corruption like any other.
 
 It is written to a hidden temporary folder and renamed into place only when complete, so a crash or a full disk
 leaves the previous checkpoints intact.
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import RunConfig, from_dict
 from .errors import CheckpointError, ConfigError
+from .storage import WRITE_ERRORS, write_fix, write_problem
 
 PREFIX = "step-"
 
@@ -94,6 +96,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _state_checksum(state: dict) -> str:
+    """SHA-256 of ``state`` without its ``checksum`` key, in a canonical JSON form (sorted keys)."""
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    body = json.loads(json.dumps(body))  # as read back: tuples become lists, int keys strings
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _remove(path: Path) -> None:
     """Delete a checkpoint folder so that a crash midway never leaves a half-deleted ``step-*`` folder behind."""
     doomed = path.with_name(f".del-{path.name}")
@@ -121,6 +130,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer_state: di
             _fsync(tmp / name)
             manifest[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         payload = {**state, "step": step, "param_groups": groups, "manifest": manifest}
+        payload["checksum"] = _state_checksum(payload)
         with open(tmp / "state.json", "w") as f:
             json.dump(payload, f)
             f.flush()
@@ -130,13 +140,12 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer_state: di
             _remove(final)
         os.replace(tmp, final)
         _fsync(root)
-    except OSError as e:
+    except WRITE_ERRORS as e:  # safetensors reports a full disk as its own SafetensorError, not as an OSError
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir, quiet=True)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"writing failed ({e.strerror or e})"
-        raise CheckpointError(f"checkpoint of step {step} not written: {reason}; {kept}. "
-                              "Free space under train.output_dir and rerun with --resume") from None
+        raise CheckpointError(f"checkpoint of step {step} not written: {write_problem(e)}; {kept}. "
+                              f"{write_fix(e)} and rerun with --resume") from None
     _prune(root, keep_last)
     return final
 
@@ -177,6 +186,9 @@ def verify(ckpt: Path, deep: bool = True) -> str | None:
     manifest = state.get("manifest") if isinstance(state, dict) else None
     if not isinstance(manifest, dict) or not {"weights.safetensors", "optimizer.safetensors"} <= manifest.keys():
         return "state.json has no manifest of the checkpoint's files"
+    # checkpoints written before state.json had a checksum are taken on trust
+    if "checksum" in state and state["checksum"] != _state_checksum(state):
+        return "state.json corrupt (checksum mismatch)"
     for name, meta in manifest.items():
         path = ckpt / name
         if not path.is_file():
@@ -199,14 +211,19 @@ def latest_checkpoint(run_dir: Path, quiet: bool = False) -> Path | None:
     return None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, given itself or its run folder."""
+def resolve_checkpoint(path: str | Path, fallback: bool = True) -> Path:
+    """A checkpoint folder, given itself or its run folder; ``fallback=False`` refuses a run folder whose newest
+    checkpoint is damaged instead of falling back to an older one."""
     p = Path(path)
     if (p / "state.json").is_file():
         problem = verify(p)
         if problem:
             raise CheckpointError(f"checkpoint {p} is unusable: {problem}; pass its run folder to use the newest good one")
         return p
+    every = list_checkpoints(p)
+    if not fallback and every and (problem := verify(every[-1])):
+        raise CheckpointError(f"the newest checkpoint {every[-1]} is unusable: {problem}; pass an older "
+                              "checkpoint folder explicitly to use it, or rerun the stage-1 run with --resume")
     ckpt = latest_checkpoint(p)
     if ckpt is None:
         raise CheckpointError(f"no usable checkpoint under '{p}': pass a run folder written by `genhancer train`")

@@ -324,3 +324,16 @@ def validate(cfg: RunConfig) -> None:
     need(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
     need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     need(t.max_consecutive_nonfinite >= 1, f"train.max_consecutive_nonfinite must be >= 1, got {t.max_consecutive_nonfinite}")
+    _validate_optimizer(op)
+
+
+def _validate_optimizer(op: OptimConfig) -> None:
+    """AdamW's own checks, as one-line errors before any model is built (torch raises them only when the optimizer
+    is created, after the models are loaded)."""
+    b1, b2 = op.betas
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ConfigError(f"optim.betas must both be in [0, 1), e.g. optim.betas=[0.9,0.999]; got {list(op.betas)}")
+    if op.eps < 0:
+        raise ConfigError(f"optim.eps must be >= 0 (the default is 1e-8), got {op.eps}")
+    if op.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0 (the default is 0.01), got {op.weight_decay}")

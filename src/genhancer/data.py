@@ -12,8 +12,9 @@ Decoding
 
 Batches
     ``build_loader(...)`` returns an endless :class:`Loader` of micro-batches ``dict(pixels=(b, 3, S, S) float32 in
-    [0, 1], index=(b,) long, slot=(b,) long, skipped=list[str])`` with ``b <= batch_size``: bad samples are dropped
-    (b may be 0); ``slot`` is each kept sample's position in the undropped micro-batch.
+    [0, 1], index=(b,) long, slot=(b,) long, skipped=list[str], skipped_names=list[str])`` with ``b <= batch_size``:
+    bad samples are dropped (b may be 0) and their reasons and file names listed; ``slot`` is each kept sample's
+    position in the undropped micro-batch.
 
 Determinism guarantees
     Map-style sources (folder, synthetic, cache): the global order of epoch ``e`` is ``randperm(N)`` seeded by
@@ -183,6 +184,7 @@ def _split_name(name: str) -> tuple[str, str]:
 @dataclass
 class _Skipped:
     reason: str
+    name: str = ""  # the file (or shard:key) it came from, for the run's log
 
 
 def _collate(items: list, size: int) -> dict:
@@ -202,6 +204,7 @@ def _collate(items: list, size: int) -> dict:
     batch["index"] = torch.tensor([i for _, i in good], dtype=torch.long)
     batch["slot"] = torch.tensor(slots, dtype=torch.long)
     batch["skipped"] = [it.reason for it in items if isinstance(it, _Skipped)]
+    batch["skipped_names"] = [it.name for it in items if isinstance(it, _Skipped)]
     return batch
 
 
@@ -228,12 +231,17 @@ class _MapItems(Dataset):
         epoch, index = task
         if not self.images:
             return self.source[index], index
+        files = getattr(self.source, "files", None)
+        name = str(files[index]) if files is not None else str(index)
         try:
             _, payload = self.source.load(index)
         except OSError:  # file vanished or permission denied since listing
-            return _Skipped("unreadable")
+            return _Skipped("unreadable", name)
         out = _crop_sample(payload, self.size, self.scale, generator(self.seed, epoch, index))
-        return out if isinstance(out, _Skipped) else (out, index)
+        if isinstance(out, _Skipped):
+            out.name = name
+            return out
+        return out, index
 
 
 class _RankBatches:
@@ -274,12 +282,16 @@ class _ShardBatches(IterableDataset):
                     yield raw
 
     def _item(self, raw: RawSample):
+        name = f"{self.source.shards[raw.shard]}:{raw.key}"
         if raw.skip:
-            return _Skipped(raw.skip)
+            return _Skipped(raw.skip, name)
         if raw.image is None:
-            return _Skipped("no-image")
+            return _Skipped("no-image", name)
         out = _crop_sample(raw.image, self.size, self.scale, generator(self.seed, self.epoch, raw.shard, raw.offset))
-        return out if isinstance(out, _Skipped) else (out, (raw.shard << 32) + raw.offset)
+        if isinstance(out, _Skipped):
+            out.name = name
+            return out
+        return out, (raw.shard << 32) + raw.offset
 
     def __iter__(self):
         info = get_worker_info()
@@ -326,8 +338,10 @@ class SkipStats:
         return line + (": " + ", ".join(f"{r} {n}" for r, n in reasons) if reasons else "")
 
     def check(self, limit: float, min_seen: int = 200) -> None:
-        """Raise :class:`ConfigError` when more than ``limit`` of at least ``min_seen`` samples were skipped."""
-        if self.seen >= min_seen and self.fraction > limit:
+        """Raise :class:`ConfigError` when more than ``limit`` of the samples seen were skipped, counting at least
+        ``min_seen``: early on, ``limit * min_seen`` bad samples are allowed before the share is judged, and
+        ``limit=0`` stops at the first bad sample."""
+        if self.skipped > limit * max(self.seen, min_seen):
             raise ConfigError(f"{self.summary()}, more than data.max_skip_fraction={limit}: remove or repair the "
                               f"unreadable files, or raise data.max_skip_fraction")
 
@@ -345,6 +359,7 @@ class Loader:
         self._epoch, self._batch = epoch, start_batch
         self.epoch_size = epoch_size
         self.stats = SkipStats()
+        self._skipped: list[tuple[str, str]] = []
 
     @property
     def position(self) -> dict:
@@ -352,6 +367,11 @@ class Loader:
 
     def check(self, limit: float, min_seen: int = 200) -> None:
         self.stats.check(limit, min_seen)
+
+    def take_skipped(self) -> list[tuple[str, str]]:
+        """(name, reason) of every sample skipped since the last call: the trainer names them in the run's log."""
+        taken, self._skipped = self._skipped, []
+        return taken
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -361,6 +381,7 @@ class Loader:
                     produced = True
                     self._batch += 1
                     self.stats.add(len(batch["index"]) + len(batch["skipped"]), batch["skipped"])
+                    self._skipped += zip(batch["skipped_names"], batch["skipped"])
                     yield batch
             if not produced and self._batch == 0:  # an empty epoch from its start would loop forever
                 raise ConfigError("the data source yields no samples for this rank: check data.path")
@@ -368,9 +389,20 @@ class Loader:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Ctrl-C / SIGTERM reach the whole process group: workers leave them to the trainer, which stops cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Ctrl-C / SIGTERM / SIGHUP reach the whole process group: workers leave them to the trainer, which stops
+    cleanly."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def open_files(cfg: DataConfig) -> ImageFolder | ShardSource | None:
+    """The folder or shards that ``cfg`` names, listed (so a wrong ``data.path`` fails here, in a second, before
+    any model is built); None for the other sources."""
+    if cfg.source == "folder":
+        return ImageFolder(cfg.path)
+    if cfg.source == "webdataset":
+        return ShardSource(cfg.path)
+    return None
 
 
 def build_loader(cfg: DataConfig, image_size: int, *, seed: int, rank: int = 0, world: int = 1, batch_size: int,
@@ -384,14 +416,11 @@ def build_loader(cfg: DataConfig, image_size: int, *, seed: int, rank: int = 0, 
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
     if source is None:
-        if cfg.source == "folder":
-            source = ImageFolder(cfg.path)
-        elif cfg.source == "synthetic":
-            source = SyntheticImages(cfg.synthetic_size, size=image_size)
-        elif cfg.source == "webdataset":
-            source = ShardSource(cfg.path)
-        else:
+        source = open_files(cfg)
+    if source is None:
+        if cfg.source != "synthetic":
             raise ConfigError(f"data.source={cfg.source} needs its dataset passed to build_loader(source=...)")
+        source = SyntheticImages(cfg.synthetic_size, size=image_size)
     workers = cfg.num_workers
     loader_kw = dict(num_workers=workers, collate_fn=partial(_collate, size=image_size), persistent_workers=False,
                      worker_init_fn=_ignore_stop_signals if workers > 0 else None)

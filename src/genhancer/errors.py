@@ -1,7 +1,8 @@
 """The errors a user sees: each message is one line that names the problem and the fix.
 
 The CLI prints ``error: <message>`` without a trace and exits 2 for :class:`ConfigError` and
-:class:`CheckpointError` (the user can fix the input), 1 for :class:`TrainingError` (the run itself failed).
+:class:`CheckpointError` (and its :class:`WriteError`: the user can fix the input or the disk), 1 for
+:class:`TrainingError` (the run itself failed).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or no usable one was found; the message names the fix."""
+
+
+class WriteError(CheckpointError):
+    """A run's file could not be written (full disk, read-only folder); the message says what is intact."""
 
 
 class TrainingError(RuntimeError):

@@ -21,8 +21,9 @@ from . import __version__
 from .backbones import build_backbone, resolve_source
 from .checkpoint import load_checkpoint, load_run_config, resolve_checkpoint
 from .enhancer import adapt_encoder, load_backbone_weights, merge_encoder
-from .errors import ConfigError
+from .errors import ConfigError, WriteError
 from .modelcard import base_name, hub_id, model_card, source_license
+from .storage import WRITE_ERRORS, write_fix, write_problem
 
 PROCESSOR_FILES = ("preprocessor_config.json",)
 SIDE_FILES = (*PROCESSOR_FILES, "processor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -99,6 +100,10 @@ def export_model(run: str | Path, out_dir: str | Path, vision_only: bool = False
         if out.exists():
             out.rmdir()
         tmp.rename(out)
+    except WRITE_ERRORS as e:  # safetensors reports a full disk as a SafetensorError, not an OSError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(f"export to {out} not written: {write_problem(e)}; its partial files are removed. "
+                         f"{write_fix(e, str(out.parent))} and export again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -47,9 +47,11 @@ class Backend:
         """Accumulate the gradient of one micro-batch's mean loss."""
         raise NotImplementedError
 
-    def step(self, loss_finite: bool) -> float:
-        """Clip and apply the accumulated gradient, then clear it; returns the gradient norm before clipping. A
-        non-finite norm (or ``loss_finite=False``) marks a skipped step: the weights and the optimizer state stay."""
+    def step(self, loss_finite: bool) -> tuple[float, str | None]:
+        """Clip and apply the accumulated gradient, then clear it; returns the gradient norm before clipping, and
+        why the update was skipped, if it was ("loss": ``loss_finite=False``; "gradient": a non-finite norm;
+        "update": an update that would make a weight non-finite). A skipped step leaves the weights and the
+        optimizer state as they were."""
         raise NotImplementedError
 
     def optimizer_state(self) -> dict | None:

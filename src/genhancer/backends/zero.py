@@ -161,12 +161,13 @@ class ZeroBackend(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)
 
-    def step(self, loss_finite: bool) -> float:
+    def step(self, loss_finite: bool) -> tuple[float, str | None]:
         self.model.step()
         norm = self.model.get_global_grad_norm()
         norm = math.inf if norm is None or self.optimizer.step_was_skipped else float(norm)
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        # the engine decided on its own overflow check; a non-finite update is caught when the weights are saved
+        return norm, "loss" if not loss_finite else "gradient" if not math.isfinite(norm) else None
 
     def optimizer_state(self) -> dict | None:
         return gather_optimizer_state(self.optimizer, self.params, keep=self.acc.is_main_process)
