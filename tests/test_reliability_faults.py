@@ -358,13 +358,13 @@ def test_resume_into_a_folder_without_a_run_is_refused(tiny_clip, overrides, tmp
 def test_resume_names_a_changed_setting_and_thread_count(tiny_clip, overrides, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *overrides(tiny_clip, run, steps=2)]) == 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads + 1)
+    threads = torch.get_num_threads()  # the CLI's: OMP_NUM_THREADS (tests/conftest.py)
     try:
         with pytest.warns(UserWarning, match=rf"resuming .*step-0000002 with optim.lr 0.0001 -> 0.001, CPU threads "
                                              rf"{threads} -> {threads + 1} .*: the run continues, but it no longer "
                                              "matches an uninterrupted run"):
-            code, _, err = cli(["train", *overrides(tiny_clip, run, steps=3, optim__lr=1e-3), "--resume"], capsys)
+            code, _, err = cli(["train", *overrides(tiny_clip, run, steps=3, optim__lr=1e-3), "--resume",
+                                "--threads", str(threads + 1)], capsys)
     finally:
         torch.set_num_threads(threads)
     assert code == 0 and not err

@@ -124,3 +124,13 @@ def test_a_run_that_had_to_stop_still_exits_1(monkeypatch, tiny_clip, overrides,
     monkeypatch.setattr(genhancer.trainer, "train", diverged)
     code, err = run_cli(["train", *overrides(tiny_clip, tmp_path / "run")], capsys)
     assert code == 1 and err == ["error: 3 non-finite steps in a row up to step 5: the run diverged"]
+
+
+def test_running_out_of_memory_inside_the_training_loop_is_one_line(monkeypatch, tiny_clip, overrides, tmp_path,
+                                                                    capsys):
+    """The trainer lets an OOM in a step through (it used to wrap it as a TrainingError, exit 1) and closes its log."""
+    def no_memory(step, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(genhancer.trainer, "train_step", no_memory)
+    code, err = run_cli(["train", *overrides(tiny_clip, tmp_path / "run")], capsys)
+    assert code == 2 and len(err) == 1 and "out of memory" in err[0] and "genhancer bench" in err[0]

@@ -29,6 +29,7 @@ from accelerate.tracking import GeneralTracker
 
 from .config import RunConfig, to_dict
 from .errors import ConfigError
+from .quiet import out_of_memory
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name; the first matching key wins.
 GPU_BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
@@ -120,15 +121,6 @@ class _StepClock(GeneralTracker):
         self.times.append(values["s_per_step"])
         if step == self.total:
             raise _Finished
-
-
-def is_oom(e: BaseException | None) -> bool:
-    """An out-of-memory error, also when wrapped by the trainer (its TrainingError keeps it as context)."""
-    while e is not None:
-        if isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def bench(cfg: RunConfig, *, warmup: int = 3, steps: int = 10, cache: bool = False, views: int = 1,
@@ -252,8 +244,8 @@ def _fits(cfg: RunConfig, cpu: bool, attention: str, clock: GeneralTracker | Non
     try:
         _run(cfg, cpu, attention, clock)
         return True
-    except BaseException as e:  # noqa: BLE001 - an OOM may come wrapped in the trainer's TrainingError
-        if not is_oom(e):
+    except BaseException as e:  # noqa: BLE001 - an OOM may come wrapped in another error
+        if not out_of_memory(e):
             raise
     gc.collect()
     if torch.cuda.is_available():

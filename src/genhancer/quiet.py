@@ -45,13 +45,16 @@ def silence_third_party() -> None:
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning)
 
 
-def out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is the device or the host running out of memory."""
-    if isinstance(error, MemoryError):
-        return True
+def out_of_memory(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from or while handling, is the device or the host running out of
+    memory."""
     import torch
 
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    text = str(error)
-    return "can't allocate memory" in text or "out of memory" in text.lower()
+    while error is not None:
+        if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+            return True
+        text = str(error)
+        if isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -116,10 +116,7 @@ def _run(cfg: RunConfig, run: Path, resume: bool, acc: Accelerator, backend: Bac
                     by = f"signal {stop.signal}" if stop.signal is not None else "a signal to another process"
                     log.say(f"stopped by {by} after step {step}; checkpoint: {last_ckpt}; continue with --resume")
                     break
-    except torch.cuda.OutOfMemoryError:
-        raise TrainingError(f"train.batch_size={t.batch_size} does not fit in device memory: lower it (with a "
-                            "higher train.grad_accum), or find the largest that fits with `genhancer bench`") from None
-    finally:
+    finally:  # running out of memory propagates: the CLI names the fix (cli/__init__.py)
         log.close()
         acc.end_training()
     write_data_report(acc, run, loader.stats, progress.counters)

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if not out_of_memory(e):
             raise
         fix = ("lower train.batch_size (raise train.grad_accum to keep the global batch) or pick a smaller "
-               "model.denoiser (`genhancer info` lists sizes)" if args.command == "train" else "lower --batch-size")
+               "model.denoiser (`genhancer info` lists sizes); `genhancer bench` finds the largest batch that fits" if args.command == "train" else "lower --batch-size")
         print(f"error: out of memory ({_first_line(e)}): {fix}", file=sys.stderr)
         return 2
     return 0
