@@ -118,11 +118,11 @@ def test_the_single_block_keeps_no_fused_buffer_alive_without_grad():
     class Widths(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor):
+            if isinstance(out, torch.Tensor) and not func.is_view:  # new storage only
                 sizes.append(out.numel())
             return out
 
     with torch.no_grad(), Widths():
         lean = block(x, vec, table)
-    assert max(sizes) == 2 * 12 * 3 * 16  # (B, L, 3D); the MLP's (B, L, 4D) is made in 4 slices
+    assert max(sizes) == 2 * 12 * 3 * 16  # (B, L, 3D); the MLP runs over 4 slices of the tokens
     torch.testing.assert_close(lean, block(x, vec, table))  # the fused training path computes the same

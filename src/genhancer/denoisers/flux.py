@@ -75,14 +75,31 @@ def attention(qkv: torch.Tensor, qk_scale: torch.Tensor, table: torch.Tensor) ->
 
     qkv: (B, L, 3, H, Dh); qk_scale: the learned RMS scales of q and k, (2, 1, Dh) or per position (L, 2, 1, Dh);
     table: RoPE rotations (L, 1, 1, Dh/2) -> (B, L, H * Dh).
-    q and k are normalised together (one RMS norm, one scale, one rotation: three kernels for both), in float32,
-    then cast back to the projection's dtype. The heads stay in (B, L, H, Dh) memory order: SDPA reads the
-    (B, H, L, Dh) views by their strides and writes that order back, so no layout copy is made.
+    q and k are normalised together (one RMS norm, one scale, one rotation: three kernels for both); the rotation
+    runs in float32, and its result is cast back to the projection's dtype. The heads stay in (B, L, H, Dh) memory
+    order: SDPA reads the (B, H, L, Dh) views by their strides and writes that order back, so no layout copy is made.
+    ``split`` (not indexing) separates q, k from v, so that backward assembles the gradient of qkv with one
+    concatenation instead of zero-filled buffers.
     """
-    qk = F.rms_norm(qkv[:, :, :2].float(), qkv.shape[-1:], eps=1e-6) * qk_scale  # (B, L, 2, H, Dh)
+    qk, v = qkv.split([2, 1], dim=2)  # (B, L, 2, H, Dh), (B, L, 1, H, Dh)
+    qk = F.rms_norm(qk, qk.shape[-1:], eps=1e-6) * qk_scale  # float32: the scales are float32 parameters
     q, k = apply_rope(qk, table).to(qkv.dtype).unbind(2)  # 2 x (B, L, H, Dh)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2))
     return out.transpose(1, 2).flatten(2)  # (B, L, H * Dh)
+
+
+def row_chunks(x: torch.Tensor, chunks: int) -> list[torch.Tensor]:
+    """x: (B, L, D) -> ``chunks`` contiguous slices of its B * L rows, each (rows, D)."""
+    return x.reshape(-1, x.shape[-1]).chunk(chunks)
+
+
+def feed_forward(mlp: nn.Module, x: torch.Tensor, chunks: int = 4) -> torch.Tensor:
+    """mlp(x) for x: (B, L, D). Forward only (no gradient recorded), over ``chunks`` slices of the tokens: the
+    (B, L, M) hidden state, four times wider than x, then never exists whole. With gradients it must be kept for
+    backward anyway, so the MLP runs at once."""
+    if torch.is_grad_enabled():
+        return mlp(x)
+    return torch.cat([mlp(part) for part in row_chunks(x, chunks)]).view(*x.shape[:-1], -1)
 
 
 class MLPEmbedder(nn.Module):
@@ -190,29 +207,32 @@ class DoubleStreamBlock(nn.Module):
         -> updated (img, txt)."""
         img_mod1, img_mod2 = self.img_mod(vec_act)  # (B, 1, D) each
         txt_mod1, txt_mod2 = self.txt_mod(vec_act)
-        n_txt, n_img = txt.shape[1], img.shape[1]
+        img_attn, txt_attn = self.attend(modulate(self.img_norm1(img), img_mod1),
+                                         modulate(self.txt_norm1(txt), txt_mod1), table)  # (B, Li, D), (B, Lt, D)
 
-        # Joint attention over the context tokens followed by the image tokens: one concatenation of the fused
-        # projections, and every position's own stream's q / k scales.
-        qkv = torch.cat([self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_mod1)),  # (B, Lt, 3, H, Dh)
-                         self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_mod1))],  # (B, Li, 3, H, Dh)
-                        dim=1)  # (B, Lt + Li, 3, H, Dh)
+        img = gated(img, img_mod1, img_attn)  # (B, Li, D)
+        img = gated(img, img_mod2, feed_forward(self.img_mlp, modulate(self.img_norm2(img), img_mod2)))
+        txt = gated(txt, txt_mod1, txt_attn)  # (B, Lt, D)
+        txt = gated(txt, txt_mod2, feed_forward(self.txt_mlp, modulate(self.txt_norm2(txt), txt_mod2)))
+        return img, txt
+
+    def attend(self, img, txt, table):
+        """Joint attention over the context tokens followed by the image tokens, projected back per stream:
+        (B, Li, D), (B, Lt, D) -> the same shapes. One concatenation of the fused projections; every position
+        gets its own stream's q / k scales. (A method, so that its buffers are released when it returns.)"""
+        n_txt, n_img = txt.shape[1], img.shape[1]
+        qkv = torch.cat([self.txt_attn.qkv_heads(txt), self.img_attn.qkv_heads(img)], dim=1)  # (B, Lt + Li, 3, H, Dh)
         qk_scale = torch.cat([self.txt_attn.norm.scales().expand(n_txt, -1, -1, -1),
                               self.img_attn.norm.scales().expand(n_img, -1, -1, -1)])  # (Lt + Li, 2, 1, Dh)
         txt_attn, img_attn = attention(qkv, qk_scale, table).split([n_txt, n_img], dim=1)  # (B, Lt|Li, D)
-
-        img = gated(img, img_mod1, self.img_attn.proj(img_attn))  # (B, Li, D)
-        img = gated(img, img_mod2, self.img_mlp(modulate(self.img_norm2(img), img_mod2)))
-        txt = gated(txt, txt_mod1, self.txt_attn.proj(txt_attn))  # (B, Lt, D)
-        txt = gated(txt, txt_mod2, self.txt_mlp(modulate(self.txt_norm2(txt), txt_mod2)))
-        return img, txt
+        return self.img_attn.proj(img_attn), self.txt_attn.proj(txt_attn)
 
 
 class SingleStreamBlock(nn.Module):
     """DiT block over the concatenated context + image sequence, attention and MLP in parallel (one linear in,
     one linear out)."""
 
-    mlp_chunks = 4  # forward-only: the MLP runs over this many slices of the tokens (see forward)
+    mlp_chunks = 4  # forward only: the MLP runs over this many slices of the tokens (see _lean)
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -242,20 +262,17 @@ class SingleStreamBlock(nn.Module):
         return self.linear2(torch.cat([attn, F.gelu(mlp_in, approximate="tanh")], dim=-1))  # (B, L, D)
 
     def _lean(self, h, table):
-        """Forward only (sampling, reconstruction, incentive): the same function through slices of the weights, so
-        no (B, L, 3D + M) projection or (B, L, D + M) concatenation is ever alive, and the MLP's (B, L, M) hidden
-        states are made ``mlp_chunks`` token slices at a time."""
+        """Forward only (sampling, reconstruction, incentive): the same function, but the (B, L, 3D + M) projection
+        and the (B, L, D + M) concatenation never exist whole. q, k, v come from the first 3D rows of linear1's
+        weight (a view), then the MLP input, its activation, the concatenation and linear2 run over
+        ``mlp_chunks`` slices of the tokens."""
         D = h.shape[-1]
-        w_qkv, w_mlp = self.linear1.weight.split([3 * D, self.mlp_hidden])  # (3D, D), (M, D)
+        w_qkv, w_mlp = self.linear1.weight.split([3 * D, self.mlp_hidden])  # (3D, D), (M, D): row blocks, views
         b_qkv, b_mlp = self.linear1.bias.split([3 * D, self.mlp_hidden])
-        w_attn_out, w_mlp_out = self.linear2.weight.split([D, self.mlp_hidden], dim=1)  # (D, D), (D, M)
-        qkv = F.linear(h, w_qkv, b_qkv).unflatten(-1, (3, self.heads, -1))  # (B, L, 3, H, Dh)
-        out = F.linear(attention(qkv, self.norm.scales(), table), w_attn_out, self.linear2.bias)  # (B, L, D)
-        del qkv
-        for h_part, out_part in zip(h.chunk(self.mlp_chunks, dim=1), out.chunk(self.mlp_chunks, dim=1)):
-            hidden = F.gelu(F.linear(h_part, w_mlp, b_mlp), approximate="tanh")  # (B, L / chunks, M)
-            out_part += F.linear(hidden, w_mlp_out)  # (B, L / chunks, D), written into out
-        return out
+        attn = attention(F.linear(h, w_qkv, b_qkv).unflatten(-1, (3, self.heads, -1)), self.norm.scales(), table)
+        out = [self.linear2(torch.cat([a, F.gelu(F.linear(x, w_mlp, b_mlp), approximate="tanh")], dim=-1))
+               for x, a in zip(row_chunks(h, self.mlp_chunks), row_chunks(attn, self.mlp_chunks))]  # (rows, D) each
+        return torch.cat(out).view_as(h)  # (B, L, D)
 
 
 class LastLayer(nn.Module):
