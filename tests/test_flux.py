@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from genhancer.config import ConfigError, ObjectiveConfig, load_config
 from genhancer.denoisers import DENOISERS
-from genhancer.denoisers.flux import Flux, apply_rope, rope_table
+from genhancer.denoisers.flux import Flux, apply_rope_, rope_table
 from genhancer.enhancer import build_enhancer, build_head
 from genhancer.latents import PixelSpace
 from genhancer.objectives import TIMESTEP_SCHEDULES, RectifiedFlow
@@ -90,6 +90,7 @@ def test_condition_reaches_the_prediction_through_both_paths():
 @given(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50))
 def test_rope_preserves_norms_and_depends_on_relative_position(r, c, shift):
     q, k = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 16)  # (B, L, H, Dh)
+    apply_rope = lambda x, table: apply_rope_(x.clone(), table)
     rot = lambda pos: rope_table(torch.tensor([pos], dtype=torch.float32), (4, 6, 6), 10_000)[:, None]  # (1, 1, 8)
     p1, p2 = rot([0, r, c]), rot([0, r + shift, c + shift])
     torch.testing.assert_close(apply_rope(q, p1).norm(), q.norm())
@@ -104,7 +105,7 @@ def test_rope_rotates_consecutive_pairs_by_position_times_frequency():
     angles = torch.tensor([0.0, 3.0, 5.0, 5.0 * 100 ** -0.5])
     torch.testing.assert_close(torch.view_as_real(table[0]), torch.stack([angles.cos(), angles.sin()], -1))
     x = torch.tensor([[1.0, 0.0] * 4])  # (1, 8): four unit pairs along the real axis
-    torch.testing.assert_close(apply_rope(x, table), torch.stack([angles.cos(), angles.sin()], -1).flatten()[None])
+    torch.testing.assert_close(apply_rope_(x, table), torch.stack([angles.cos(), angles.sin()], -1).flatten()[None])
 
 
 def test_presets_are_well_formed():

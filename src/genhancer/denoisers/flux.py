@@ -63,11 +63,15 @@ def rope_table(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torc
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """x: (..., Dh) float32, consecutive pairs of its last dim read as complex numbers, times ``table`` (complex,
-    broadcastable to (..., Dh/2)): each pair rotated by its angle. One complex multiply, in float32."""
-    rotated = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * table  # (..., Dh/2)
-    return torch.view_as_real(rotated).flatten(-2)  # (..., Dh)
+def apply_rope_(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x: (..., Dh) float32, consecutive pairs of its last dim read as complex numbers, multiplied in place by
+    ``table`` (complex, broadcastable to (..., Dh/2)): each pair rotated by its angle. Returns x.
+
+    In place because x is always a fresh temporary here: no second buffer of its size is made, and autograd needs
+    nothing of x to differentiate a product by a constant.
+    """
+    torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(table)  # (..., Dh/2) complex view of x
+    return x
 
 
 def attention(qkv: torch.Tensor, qk_scale: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -75,16 +79,19 @@ def attention(qkv: torch.Tensor, qk_scale: torch.Tensor, table: torch.Tensor) ->
 
     qkv: (B, L, 3, H, Dh); qk_scale: the learned RMS scales of q and k, (2, 1, Dh) or per position (L, 2, 1, Dh);
     table: RoPE rotations (L, 1, 1, Dh/2) -> (B, L, H * Dh).
-    q and k are normalised together (one RMS norm, one scale, one rotation: three kernels for both); the rotation
-    runs in float32, and its result is cast back to the projection's dtype. The heads stay in (B, L, H, Dh) memory
-    order: SDPA reads the (B, H, L, Dh) views by their strides and writes that order back, so no layout copy is made.
-    ``split`` (not indexing) separates q, k from v, so that backward assembles the gradient of qkv with one
-    concatenation instead of zero-filled buffers.
+
+    q and k are normalised, scaled and rotated together, in float32, in one buffer: the RMS comes from one norm
+    reduction (no squared copy), and the scale and the rotation are applied in place. The result is cast back to
+    the projection's dtype. The heads stay in (B, L, H, Dh) memory order: SDPA reads the (B, H, L, Dh) views by
+    their strides and writes that order back, so no layout copy is made. ``split`` (not indexing) separates q, k
+    from v, so that backward assembles the gradient of qkv with one concatenation instead of zero-filled buffers.
     """
     qk, v = qkv.split([2, 1], dim=2)  # (B, L, 2, H, Dh), (B, L, 1, H, Dh)
-    qk = F.rms_norm(qk, qk.shape[-1:], eps=1e-6) * qk_scale  # float32: the scales are float32 parameters
-    q, k = apply_rope(qk, table).to(qkv.dtype).unbind(2)  # 2 x (B, L, H, Dh)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2))
+    ms = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=torch.float32).square() / qk.shape[-1]
+    qk = (qk * torch.rsqrt(ms + 1e-6)).mul_(qk_scale)  # RMS norm with learned scales, (B, L, 2, H, Dh) float32
+    qk = apply_rope_(qk, table).to(qkv.dtype)  # the float32 buffer is released here under bf16
+    q, k = qk.transpose(1, 3).unbind(2)  # 2 x (B, H, L, Dh), views
+    out = F.scaled_dot_product_attention(q, k, v.squeeze(2).transpose(1, 2))  # (B, H, L, Dh)
     return out.transpose(1, 2).flatten(2)  # (B, L, H * Dh)
 
 
@@ -347,10 +354,11 @@ class Flux(nn.Module):
         table = rope_table(torch.cat([txt_ids, img_ids]), a.axes_dim, a.theta)[:, None, None]  # (Lt + Li, 1, 1, Dh/2)
         for block in self.double_blocks:
             img, txt = run_block(block, self.grad_checkpointing, img, txt, vec_act, table)  # (B, Li, D), (B, Lt, D)
-        x = torch.cat([txt, img], dim=1)  # (B, Lt + Li, D)
+        n_txt, x = txt.shape[1], torch.cat([txt, img], dim=1)  # (B, Lt + Li, D)
+        del img, txt  # nothing saves them: released for the single blocks' activations
         for block in self.single_blocks:
             x = run_block(block, self.grad_checkpointing, x, vec_act, table)  # (B, Lt + Li, D)
-        return self.final_layer(x[:, txt.shape[1]:], vec_act)  # (B, Li, in_channels)
+        return self.final_layer(x[:, n_txt:], vec_act)  # (B, Li, in_channels)
 
 
 class FluxHead(nn.Module):
