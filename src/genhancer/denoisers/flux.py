@@ -74,22 +74,48 @@ def apply_rope_(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class NormRope(torch.autograd.Function):
+    """RMS norm with learned scales, then RoPE, of q and k together: (B, L, 2, H, Dh) -> float32, same shape.
+
+    Written out with its backward so that it saves only its input (a view of the qkv projection, which backward
+    keeps anyway) and the inverse RMS (one number per head): autograd would also keep the normalised q and k, a
+    float32 copy of both, in every block. Backward recomputes them instead (one multiply).
+    """
+
+    @staticmethod
+    def forward(ctx, qk, scale, table):
+        """qk: (B, L, 2, H, Dh); scale: (2, 1, Dh) or (L, 2, 1, Dh); table: (L, 1, 1, Dh/2) complex."""
+        ms = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=torch.float32).square() / qk.shape[-1]
+        inv_rms = torch.rsqrt(ms + 1e-6)  # (B, L, 2, H, 1); one norm reduction, no squared copy
+        ctx.save_for_backward(qk, inv_rms, scale, table)
+        return apply_rope_((qk * inv_rms).mul_(scale), table)  # in place: one float32 buffer
+
+    @staticmethod
+    def backward(ctx, grad):
+        qk, inv_rms, scale, table = ctx.saved_tensors
+        grad = torch.view_as_real(torch.view_as_complex(grad.float().contiguous().unflatten(-1, (-1, 2))) * table.conj())
+        grad = grad.flatten(-2)  # d loss / d (x_hat * scale), rotated back; a new buffer
+        x_hat = qk * inv_rms  # the normalised input, recomputed
+        grad_scale = (grad * x_hat).sum_to_size(scale.shape)
+        grad.mul_(scale)  # d loss / d x_hat
+        # RMS norm backward: (g - x_hat * mean(g * x_hat)) / rms
+        grad_qk = grad.sub_(x_hat.mul_((grad * x_hat).mean(-1, keepdim=True))).mul_(inv_rms)
+        return grad_qk.to(qk.dtype), grad_scale, None
+
+
 def attention(qkv: torch.Tensor, qk_scale: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Joint attention from one fused projection.
 
     qkv: (B, L, 3, H, Dh); qk_scale: the learned RMS scales of q and k, (2, 1, Dh) or per position (L, 2, 1, Dh);
     table: RoPE rotations (L, 1, 1, Dh/2) -> (B, L, H * Dh).
 
-    q and k are normalised, scaled and rotated together, in float32, in one buffer: the RMS comes from one norm
-    reduction (no squared copy), and the scale and the rotation are applied in place. The result is cast back to
-    the projection's dtype. The heads stay in (B, L, H, Dh) memory order: SDPA reads the (B, H, L, Dh) views by
-    their strides and writes that order back, so no layout copy is made. ``split`` (not indexing) separates q, k
-    from v, so that backward assembles the gradient of qkv with one concatenation instead of zero-filled buffers.
+    q and k are normalised, scaled and rotated together in float32 (:class:`NormRope`), then cast back to the
+    projection's dtype. The heads stay in (B, L, H, Dh) memory order: SDPA reads the (B, H, L, Dh) views by their
+    strides and writes that order back, so no layout copy is made. ``split`` (not indexing) separates q, k from v,
+    so that backward assembles the gradient of qkv with one concatenation instead of zero-filled buffers.
     """
     qk, v = qkv.split([2, 1], dim=2)  # (B, L, 2, H, Dh), (B, L, 1, H, Dh)
-    ms = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=torch.float32).square() / qk.shape[-1]
-    qk = (qk * torch.rsqrt(ms + 1e-6)).mul_(qk_scale)  # RMS norm with learned scales, (B, L, 2, H, Dh) float32
-    qk = apply_rope_(qk, table).to(qkv.dtype)  # the float32 buffer is released here under bf16
+    qk = NormRope.apply(qk, qk_scale, table).to(qkv.dtype)  # the float32 buffer is released here under bf16
     q, k = qk.transpose(1, 3).unbind(2)  # 2 x (B, H, L, Dh), views
     out = F.scaled_dot_product_attention(q, k, v.squeeze(2).transpose(1, 2))  # (B, H, L, Dh)
     return out.transpose(1, 2).flatten(2)  # (B, L, H * Dh)
