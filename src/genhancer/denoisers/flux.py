@@ -96,7 +96,9 @@ class NormRope(torch.autograd.Function):
         grad = torch.view_as_real(torch.view_as_complex(grad.float().contiguous().unflatten(-1, (-1, 2))) * table.conj())
         grad = grad.flatten(-2)  # d loss / d (x_hat * scale), rotated back; a new buffer
         x_hat = qk * inv_rms  # the normalised input, recomputed
-        grad_scale = (grad * x_hat).sum_to_size(scale.shape)
+        # summed over the batch (and positions) first: an outer-dimension sum, many times faster than sum_to_size's
+        # strided one on CPU; the heads, a few per row, last
+        grad_scale = (grad * x_hat).flatten(0, grad.dim() - scale.dim() - 1).sum(0).sum_to_size(scale.shape)
         grad.mul_(scale)  # d loss / d x_hat
         # RMS norm backward: (g - x_hat * mean(g * x_hat)) / rms
         grad_qk = grad.sub_(x_hat.mul_((grad * x_hat).mean(-1, keepdim=True))).mul_(inv_rms)
