@@ -117,8 +117,10 @@ def agreement(ours, theirs, x, arch) -> str:
         if error > 1e-4:
             raise SystemExit(f"diffusers' output differs from ours by {error:.2e} (relative): not the same function")
         with torch.autocast(x[0].device.type, torch.bfloat16):
-            dev = [(out.float() - fp32).norm() / fp32.norm() for out in (ours(*x), diffusers_call(theirs, *x, arch.guidance))]
-    return f"fp32 outputs equal to {error:.1e}; bf16 autocast off fp32 by {dev[0]:.2%} (ours) vs {dev[1]:.2%} (diffusers)"
+            outs = ours(*x), diffusers_call(theirs, *x, arch.guidance)
+        dev = [(out.float() - fp32).norm() / fp32.norm() for out in outs]
+    return (f"fp32 outputs equal to {error:.1e}; bf16 autocast off fp32 by {dev[0]:.2%} (ours) vs {dev[1]:.2%} "
+            "(diffusers)")
 
 
 def compare(arch, batch, tokens, args, device, precision, train, models):
@@ -146,7 +148,8 @@ def compare(arch, batch, tokens, args, device, precision, train, models):
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"{precision:>4} {'train' if train else 'fwd':>5} {tokens:>6} {batch:>5}  {med['ours'] * 1e3:9.1f} "
           f"{med['diffusers'] * 1e3:9.1f}  {statistics.median(ratios):5.3f} [{q1:.3f}-{q3:.3f}]  "
-          f"{peak['ours'] / MiB:8.1f} {peak['diffusers'] / MiB:8.1f}  {peak['ours'] / peak['diffusers']:5.3f}", flush=True)
+          f"{peak['ours'] / MiB:8.1f} {peak['diffusers'] / MiB:8.1f}  {peak['ours'] / peak['diffusers']:5.3f}",
+          flush=True)
 
 
 def parameter_counts():

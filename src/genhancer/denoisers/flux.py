@@ -51,7 +51,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10_000
 
 
 def rope_table(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
-    """ids: (L, n_axes) positions, the same for every sample -> unit rotations exp(i angle): (L, head_dim // 2) complex64.
+    """ids: (L, n_axes) positions, the same for every sample -> rotations exp(i angle), (L, head_dim // 2) complex64.
 
     Angles are formed in float64 (positions times frequencies lose bits in float32 at large positions).
     """
@@ -93,8 +93,8 @@ class NormRope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         qk, inv_rms, scale, table = ctx.saved_tensors
-        grad = torch.view_as_real(torch.view_as_complex(grad.float().contiguous().unflatten(-1, (-1, 2))) * table.conj())
-        grad = grad.flatten(-2)  # d loss / d (x_hat * scale), rotated back; a new buffer
+        grad = torch.view_as_complex(grad.float().contiguous().unflatten(-1, (-1, 2))) * table.conj()
+        grad = torch.view_as_real(grad).flatten(-2)  # d loss / d (x_hat * scale), rotated back; a new buffer
         x_hat = qk * inv_rms  # the normalised input, recomputed
         # summed over the batch (and positions) first: an outer-dimension sum, many times faster than sum_to_size's
         # strided one on CPU; the heads, a few per row, last
