@@ -65,13 +65,16 @@ class Enhancer(nn.Module):
         time. An encoder with a trainable parameter (stage 2, e2e) keeps the step's precision.
         """
         frozen = self.frozen_bf16 and not any(p.requires_grad for p in encoder.parameters())
-        return torch.autocast(x.device.type, torch.bfloat16, enabled=frozen)
+        if not frozen or x.device.type == "meta":  # meta: FLOP counting, where precision changes nothing
+            return nullcontext()
+        return torch.autocast(x.device.type, torch.bfloat16)
 
     def tokens(self, pixels: torch.Tensor, local: bool) -> torch.Tensor:
-        """The backbone's tokens (B, 1 [+ N], D); in an fp32 step, float32 even when a bf16 frozen encoder made them."""
-        with self.frozen_precision(self.backbone, pixels):
+        """The backbone's tokens (B, 1 [+ N], D); float32 when a bf16 frozen encoder made them."""
+        precision = self.frozen_precision(self.backbone, pixels)
+        with precision:
             tokens = self.backbone(pixels, local=local)
-        return tokens if torch.is_autocast_enabled(pixels.device.type) else tokens.float()
+        return tokens.float() if isinstance(precision, torch.autocast) else tokens
 
     def condition(self, batch: dict, local_index: torch.Tensor | None) -> torch.Tensor:
         """Condition tokens (B, 1 + K, D) from crops, or from cached encoder outputs when the batch has them."""
