@@ -67,8 +67,8 @@ def apply_rope_(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """x: (..., Dh) float32, consecutive pairs of its last dim read as complex numbers, multiplied in place by
     ``table`` (complex, broadcastable to (..., Dh/2)): each pair rotated by its angle. Returns x.
 
-    In place because x is always a fresh temporary here: no second buffer of its size is made, and autograd needs
-    nothing of x to differentiate a product by a constant.
+    In place because x is always a fresh temporary here (in :class:`NormRope`, which writes its own backward): no
+    second buffer of its size is made.
     """
     torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(table)  # (..., Dh/2) complex view of x
     return x
