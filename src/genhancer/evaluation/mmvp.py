@@ -17,10 +17,9 @@ The reference (MMVP's ``scripts/evaluate_vlm.py`` and its transformers port used
   is rounded (the reference prints raw floats); reports round to one decimal for display only.
 
 Batching changes only how often the towers run: every image and statement is embedded once, in batches (images
-decoded ahead in threads and normalised in torch with the processor's exact arithmetic, see :mod:`.pixels`;
-statements tokenised in one call), and each
-pair's 2x2 ``logits_per_text`` is formed from those embeddings with the forward's own arithmetic
-(:meth:`EvalModel.logits_per_text`). Matrix products of other shapes round differently, so a batched probability
+decoded ahead of the model in a thread and normalised in torch to the processor's exact pixels, see
+:mod:`.pixels`; the statements tokenised in one call), and each pair's 2x2 ``logits_per_text`` is formed from those
+embeddings with the forward's own arithmetic (:meth:`EvalModel.logits_per_text`). Matrix products of other shapes round differently, so a batched probability
 can differ from the pair-by-pair one in its last bits (measured: <= 1e-6 on CPU in fp32, up to a 12-layer model).
 That decides a pick only for a probability at a hair's breadth from 0.5, so every statement whose probability is
 within ``recheck_band`` (default 1e-5) of 0.5 is recomputed by the reference's own forward (its text with the pair's

@@ -78,17 +78,19 @@ def plan(processor) -> Plan | None:
     if type(processor).__name__ not in ("CLIPImageProcessorPil", "SiglipImageProcessorPil", "CLIPImageProcessor",
                                         "SiglipImageProcessor") or getattr(processor, "do_pad", None):
         return None
-    size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
-    shortest = size.get("shortest_edge") if size is not None and processor.do_resize else None
-    fixed = (size.get("height"), size.get("width")) if size is not None and processor.do_resize else (None, None)
-    if processor.do_resize and shortest is None and None in fixed:
-        return None
-    if size is not None and processor.do_resize and (size.get("longest_edge") or size.get("max_height")):
-        return None
-    do_crop = getattr(processor, "do_center_crop", False)
+    shortest, fixed = None, None
+    if processor.do_resize:
+        size = processor.size
+        if size.get("longest_edge") or size.get("max_height") or size.get("max_width"):
+            return None  # aspect-bounded resizes: not reproduced
+        shortest = size.get("shortest_edge")
+        fixed = (size["height"], size["width"]) if size.get("height") and size.get("width") else None
+        if shortest is None and fixed is None:
+            return None
+    crop = processor.crop_size if getattr(processor, "do_center_crop", False) else None
     normalize = processor.do_normalize
-    return Plan(shortest_edge=shortest, size=None if shortest is not None or None in fixed else fixed,
-                crop=(crop.get("height"), crop.get("width")) if do_crop else None,
+    return Plan(shortest_edge=shortest, size=None if shortest is not None else fixed,
+                crop=(crop["height"], crop["width"]) if crop is not None else None,
                 resample=int(processor.resample),
                 rescale=processor.rescale_factor if processor.do_rescale else None,
                 mean=tuple(processor.image_mean) if normalize else None,
@@ -117,6 +119,7 @@ def pixel_batches(processor, load: Callable[[int], Image.Image], count: int, bat
             yield processor(images=[load(i) for i in range(start, min(count, start + batch_size))],
                             return_tensors="pt")["pixel_values"]
         return
+
     def prepare(i: int):  # (H, W, 3) uint8, or the processor's (3, H, W) for an image the fast path cannot take
         image = load(i)
         try:
