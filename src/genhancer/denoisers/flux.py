@@ -118,7 +118,7 @@ def attention(qkv: torch.Tensor, qk_scale: torch.Tensor, table: torch.Tensor) ->
     """
     qk, v = qkv.split([2, 1], dim=2)  # (B, L, 2, H, Dh), (B, L, 1, H, Dh)
     qk = NormRope.apply(qk, qk_scale, table).to(qkv.dtype)  # the float32 buffer is released here under bf16
-    q, k = qk.transpose(1, 3).unbind(2)  # 2 x (B, H, L, Dh), views
+    q, k = (x.transpose(1, 2) for x in qk.unbind(2))  # 2 x (B, H, L, Dh), views; their gradient stacks contiguous
     out = F.scaled_dot_product_attention(q, k, v.squeeze(2).transpose(1, 2))  # (B, H, L, Dh)
     return out.transpose(1, 2).flatten(2)  # (B, L, H * Dh)
 
@@ -267,7 +267,7 @@ class SingleStreamBlock(nn.Module):
     """DiT block over the concatenated context + image sequence, attention and MLP in parallel (one linear in,
     one linear out)."""
 
-    mlp_chunks = 4  # forward only: the MLP runs over this many slices of the tokens (see _lean)
+    mlp_chunks = 4  # forward only: the MLP runs over this many slices of the tokens
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -279,35 +279,26 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(dim, double=False)
 
     def forward(self, x, vec_act, table):
-        """x: (B, L, D), vec_act: silu(vec) (B, D), table: RoPE of x -> (B, L, D)."""
+        """x: (B, L, D), vec_act: silu(vec) (B, D), table: RoPE of x -> (B, L, D).
+
+        linear1 runs as two products over row blocks of its weight (q, k, v; MLP input): the same function, but
+        backward then needs no (B, L, 3D + M) concatenation of their gradients, only one of the weight's.
+        """
         mod, _ = self.modulation(vec_act)  # (B, 1, D) each
         h = modulate(self.pre_norm(x), mod)  # (B, L, D)
-        if torch.is_grad_enabled():
-            out = self._fused(h, table)
-        else:
-            out = self._lean(h, table)
-        return gated(x, mod, out)  # (B, L, D)
-
-    def _fused(self, h, table):
-        """Training: the fused projections as declared. Backward needs every activation anyway, so nothing is gained
-        by splitting them, and the weights' gradients stay one matrix product each."""
         D = h.shape[-1]
-        qkv, mlp_in = self.linear1(h).split([3 * D, self.mlp_hidden], dim=-1)  # (B, L, 3D), (B, L, M)
-        attn = attention(qkv.unflatten(-1, (3, self.heads, -1)), self.norm.scales(), table)  # (B, L, D)
-        return self.linear2(torch.cat([attn, F.gelu(mlp_in, approximate="tanh")], dim=-1))  # (B, L, D)
-
-    def _lean(self, h, table):
-        """Forward only (sampling, reconstruction, incentive): the same function, but the (B, L, 3D + M) projection
-        and the (B, L, D + M) concatenation never exist whole. q, k, v come from the first 3D rows of linear1's
-        weight (a view), then the MLP input, its activation, the concatenation and linear2 run over
-        ``mlp_chunks`` slices of the tokens."""
-        D = h.shape[-1]
-        w_qkv, w_mlp = self.linear1.weight.split([3 * D, self.mlp_hidden])  # (3D, D), (M, D): row blocks, views
+        w_qkv, w_mlp = self.linear1.weight.split([3 * D, self.mlp_hidden])  # (3D, D), (M, D): views
         b_qkv, b_mlp = self.linear1.bias.split([3 * D, self.mlp_hidden])
-        attn = attention(F.linear(h, w_qkv, b_qkv).unflatten(-1, (3, self.heads, -1)), self.norm.scales(), table)
-        out = [self.linear2(torch.cat([a, F.gelu(F.linear(x, w_mlp, b_mlp), approximate="tanh")], dim=-1))
-               for x, a in zip(row_chunks(h, self.mlp_chunks), row_chunks(attn, self.mlp_chunks))]  # (rows, D) each
-        return torch.cat(out).view_as(h)  # (B, L, D)
+        attn = attention(F.linear(h, w_qkv, b_qkv).unflatten(-1, (3, self.heads, -1)), self.norm.scales(),
+                         table)  # (B, L, D)
+        mlp = lambda rows: F.gelu(F.linear(rows, w_mlp, b_mlp), approximate="tanh")  # (..., D) -> (..., M)
+        if torch.is_grad_enabled():  # backward keeps every activation anyway
+            out = self.linear2(torch.cat([attn, mlp(h)], dim=-1))  # (B, L, D)
+        else:  # forward only: the MLP and linear2 over slices of the tokens, no (B, L, M) buffer
+            out = torch.cat([self.linear2(torch.cat([a, mlp(rows)], dim=-1))  # (rows, D)
+                             for rows, a in zip(row_chunks(h, self.mlp_chunks), row_chunks(attn, self.mlp_chunks))])
+            out = out.view_as(h)
+        return gated(x, mod, out)  # (B, L, D)
 
 
 class LastLayer(nn.Module):
