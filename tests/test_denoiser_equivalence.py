@@ -109,7 +109,7 @@ def test_the_rope_table_is_built_once_per_forward_without_a_batch_dimension(ref,
 
 def test_the_single_block_keeps_no_fused_buffer_alive_without_grad():
     """Forward only, the (B, L, 3D + M) projection, the (B, L, D + M) concatenation and the whole (B, L, M) MLP
-    hidden state never exist: no tensor the block's ops produce is larger than the q, k, v projection."""
+    hidden state never exist: no tensor the block's ops produce is larger than the q and k projection (B, L, 2D)."""
     block = flux.SingleStreamBlock(dim=16, heads=2, mlp_ratio=4.0)
     x, vec = torch.randn(2, 12, 16), torch.randn(2, 16)
     table = flux.rope_table(torch.zeros(12, 3), (2, 2, 4), 10_000)[:, None, None]
@@ -124,5 +124,5 @@ def test_the_single_block_keeps_no_fused_buffer_alive_without_grad():
 
     with torch.no_grad(), Widths():
         lean = block(x, vec, table)
-    assert max(sizes) == 2 * 12 * 3 * 16  # (B, L, 3D); the MLP runs over 4 slices of the tokens
+    assert max(sizes) == 2 * 12 * 2 * 16  # (B, L, 2D); the MLP (M = 4D) runs over 4 slices of the tokens
     torch.testing.assert_close(lean, block(x, vec, table))  # the fused training path computes the same

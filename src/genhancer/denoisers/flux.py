@@ -105,22 +105,30 @@ class NormRope(torch.autograd.Function):
         return grad_qk.to(qk.dtype), grad_scale, None
 
 
-def attention(qkv: torch.Tensor, qk_scale: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Joint attention from one fused projection.
+def attention(qk: torch.Tensor, v: torch.Tensor, qk_scale: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Joint attention.
 
-    qkv: (B, L, 3, H, Dh); qk_scale: the learned RMS scales of q and k, (2, 1, Dh) or per position (L, 2, 1, Dh);
-    table: RoPE rotations (L, 1, 1, Dh/2) -> (B, L, H * Dh).
+    qk: (B, L, 2, H, Dh) queries and keys; v: (B, L, H, Dh); qk_scale: the learned RMS scales of q and k,
+    (2, 1, Dh) or per position (L, 2, 1, Dh); table: RoPE rotations (L, 1, 1, Dh/2) -> (B, L, H * Dh).
 
-    q and k are normalised, scaled and rotated together in float32 (:class:`NormRope`), then cast back to the
-    projection's dtype. The heads stay in (B, L, H, Dh) memory order: SDPA reads the (B, H, L, Dh) views by their
-    strides and writes that order back, so no layout copy is made. ``split`` (not indexing) separates q, k from v,
-    so that backward assembles the gradient of qkv with one concatenation instead of zero-filled buffers.
+    q and k are normalised, scaled and rotated together in float32 (:class:`NormRope`), then cast back to v's
+    dtype. The heads stay in (B, L, H, Dh) memory order: SDPA reads the (B, H, L, Dh) views by their strides and
+    writes that order back, so no layout copy is made.
     """
-    qk, v = qkv.split([2, 1], dim=2)  # (B, L, 2, H, Dh), (B, L, 1, H, Dh)
-    qk = NormRope.apply(qk, qk_scale, table).to(qkv.dtype)  # the float32 buffer is released here under bf16
+    qk = NormRope.apply(qk, qk_scale, table).to(v.dtype)  # the float32 buffer is released here under bf16
     q, k = (x.transpose(1, 2) for x in qk.unbind(2))  # 2 x (B, H, L, Dh), views; their gradient stacks contiguous
-    out = F.scaled_dot_product_attention(q, k, v.squeeze(2).transpose(1, 2))  # (B, H, L, Dh)
+    out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))  # (B, H, L, Dh)
     return out.transpose(1, 2).flatten(2)  # (B, L, H * Dh)
+
+
+def row_blocks(linear: nn.Linear, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of ``linear`` split into row blocks of ``sizes`` (views), each applied by ``F.linear``.
+
+    One product per block computes ``linear(x).split(sizes, -1)``, but backward then concatenates the blocks of the
+    weight's gradient (weight-sized) instead of those of the activations' (B, L, sum(sizes)) gradient.
+    """
+    biases = linear.bias.split(sizes) if linear.bias is not None else [None] * len(sizes)
+    return list(zip(linear.weight.split(sizes), biases))
 
 
 def row_chunks(x: torch.Tensor, chunks: int) -> list[torch.Tensor]:
@@ -204,9 +212,10 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D) -> q, k, v stacked: (B, L, 3, H, Dh), not yet normalised."""
-        return self.qkv(x).unflatten(-1, (3, self.heads, -1))
+    def heads_qk_v(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, L, D) -> q and k stacked, (B, L, 2, H, Dh), not yet normalised; v, (B, L, H, Dh)."""
+        qk, v = (F.linear(x, w, b) for w, b in row_blocks(self.qkv, [2 * x.shape[-1], x.shape[-1]]))  # 2D, D wide
+        return qk.unflatten(-1, (2, self.heads, -1)), v.unflatten(-1, (self.heads, -1))
 
 
 def mlp(dim: int, ratio: float) -> nn.Sequential:
@@ -253,13 +262,14 @@ class DoubleStreamBlock(nn.Module):
 
     def attend(self, img, txt, table):
         """Joint attention over the context tokens followed by the image tokens, projected back per stream:
-        (B, Li, D), (B, Lt, D) -> the same shapes. One concatenation of the fused projections; every position
-        gets its own stream's q / k scales. (A method, so that its buffers are released when it returns.)"""
+        (B, Li, D), (B, Lt, D) -> the same shapes. Every position gets its own stream's q / k scales. (A method,
+        so that its buffers are released when it returns.)"""
         n_txt, n_img = txt.shape[1], img.shape[1]
-        qkv = torch.cat([self.txt_attn.qkv_heads(txt), self.img_attn.qkv_heads(img)], dim=1)  # (B, Lt + Li, 3, H, Dh)
+        (txt_qk, txt_v), (img_qk, img_v) = self.txt_attn.heads_qk_v(txt), self.img_attn.heads_qk_v(img)
+        qk, v = torch.cat([txt_qk, img_qk], dim=1), torch.cat([txt_v, img_v], dim=1)  # (B, Lt + Li, [2,] H, Dh)
         qk_scale = torch.cat([self.txt_attn.norm.scales().expand(n_txt, -1, -1, -1),
                               self.img_attn.norm.scales().expand(n_img, -1, -1, -1)])  # (Lt + Li, 2, 1, Dh)
-        txt_attn, img_attn = attention(qkv, qk_scale, table).split([n_txt, n_img], dim=1)  # (B, Lt|Li, D)
+        txt_attn, img_attn = attention(qk, v, qk_scale, table).split([n_txt, n_img], dim=1)  # (B, Lt|Li, D)
         return self.img_attn.proj(img_attn), self.txt_attn.proj(txt_attn)
 
 
@@ -279,18 +289,15 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(dim, double=False)
 
     def forward(self, x, vec_act, table):
-        """x: (B, L, D), vec_act: silu(vec) (B, D), table: RoPE of x -> (B, L, D).
-
-        linear1 runs as two products over row blocks of its weight (q, k, v; MLP input): the same function, but
-        backward then needs no (B, L, 3D + M) concatenation of their gradients, only one of the weight's.
-        """
+        """x: (B, L, D), vec_act: silu(vec) (B, D), table: RoPE of x -> (B, L, D)."""
         mod, _ = self.modulation(vec_act)  # (B, 1, D) each
         h = modulate(self.pre_norm(x), mod)  # (B, L, D)
         D = h.shape[-1]
-        w_qkv, w_mlp = self.linear1.weight.split([3 * D, self.mlp_hidden])  # (3D, D), (M, D): views
-        b_qkv, b_mlp = self.linear1.bias.split([3 * D, self.mlp_hidden])
-        attn = attention(F.linear(h, w_qkv, b_qkv).unflatten(-1, (3, self.heads, -1)), self.norm.scales(),
-                         table)  # (B, L, D)
+        (w_qk, b_qk), (w_v, b_v), (w_mlp, b_mlp) = row_blocks(self.linear1, [2 * D, D, self.mlp_hidden])
+        qk = F.linear(h, w_qk, b_qk).unflatten(-1, (2, self.heads, -1))  # (B, L, 2, H, Dh)
+        v = F.linear(h, w_v, b_v).unflatten(-1, (self.heads, -1))  # (B, L, H, Dh)
+        attn = attention(qk, v, self.norm.scales(), table)  # (B, L, D)
+        del qk, v  # forward only, released before the MLP
         mlp = lambda rows: F.gelu(F.linear(rows, w_mlp, b_mlp), approximate="tanh")  # (..., D) -> (..., M)
         if torch.is_grad_enabled():  # backward keeps every activation anyway
             out = self.linear2(torch.cat([attn, mlp(h)], dim=-1))  # (B, L, D)
