@@ -111,18 +111,30 @@ def test_the_single_block_keeps_no_fused_buffer_alive_without_grad():
     """Forward only, the (B, L, 3D + M) projection, the (B, L, D + M) concatenation and the whole (B, L, M) MLP
     hidden state never exist: no tensor the block's ops produce is larger than the q and k projection (B, L, 2D)."""
     block = flux.SingleStreamBlock(dim=16, heads=2, mlp_ratio=4.0)
-    x, vec = torch.randn(2, 12, 16), torch.randn(2, 16)
-    table = flux.rope_table(torch.zeros(12, 3), (2, 2, 4), 10_000)[:, None, None]
+    x, vec = torch.randn(2, 48, 16), torch.randn(2, 16)  # 96 rows: the MLP runs over 4 slices of 24
+    table = flux.rope_table(torch.zeros(48, 3), (2, 2, 4), 10_000)[:, None, None]
     sizes = []
 
-    class Widths(torch.utils._python_dispatch.TorchDispatchMode):
+    class Sizes(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if isinstance(out, torch.Tensor) and not func.is_view:  # new storage only
                 sizes.append(out.numel())
             return out
 
-    with torch.no_grad(), Widths():
+    with torch.no_grad(), Sizes():
         lean = block(x, vec, table)
-    assert max(sizes) == 2 * 12 * 2 * 16  # (B, L, 2D); the MLP (M = 4D) runs over 4 slices of the tokens
-    torch.testing.assert_close(lean, block(x, vec, table))  # the fused training path computes the same
+    assert max(sizes) == 2 * 48 * 2 * 16  # (B, L, 2D)
+    torch.testing.assert_close(lean, block(x, vec, table))  # the training path computes the same
+
+
+def test_linear_blocks_equal_the_split_linear_with_gradients():
+    linear = torch.nn.Linear(8, 12)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    weights = torch.randn(3, 5, 12)
+    (torch.cat(flux.linear_blocks(x, linear, [4, 2, 6]), -1) * weights).sum().backward()
+    grads = x.grad, linear.weight.grad, linear.bias.grad
+    x.grad = linear.weight.grad = linear.bias.grad = None
+    (linear(x) * weights).sum().backward()
+    for got, expected in zip(grads, (x.grad, linear.weight.grad, linear.bias.grad)):
+        torch.testing.assert_close(got, expected)

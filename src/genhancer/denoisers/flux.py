@@ -121,14 +121,62 @@ def attention(qk: torch.Tensor, v: torch.Tensor, qk_scale: torch.Tensor, table: 
     return out.transpose(1, 2).flatten(2)  # (B, L, H * Dh)
 
 
-def row_blocks(linear: nn.Linear, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(weight, bias) of ``linear`` split into row blocks of ``sizes`` (views), each applied by ``F.linear``.
+class LinearBlocks(torch.autograd.Function):
+    """``F.linear(x, weight, bias).split(sizes, -1)`` without concatenating anything in backward.
 
-    One product per block computes ``linear(x).split(sizes, -1)``, but backward then concatenates the blocks of the
-    weight's gradient (weight-sized) instead of those of the activations' (B, L, sum(sizes)) gradient.
+    A fused projection (q, k, v; the MLP input) is used by parts. Splitting its output makes backward concatenate
+    the parts' gradients, an activation-sized copy; splitting its weight into row blocks makes it concatenate the
+    blocks' weight gradients, a weight-sized copy (which dominates at the paper's width and small batches). Here
+    each block's weight gradient is written straight into its rows of one gradient buffer, and the input gradient
+    is accumulated in place. Under autocast it computes in the autocast dtype, as ``F.linear`` would.
     """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sizes):
+        """x: (..., D); weight: (sum(sizes), D); bias: (sum(sizes),) or None -> one (..., n) tensor per size n."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        b_c = bias.to(dtype).split(sizes) if bias is not None else [None] * len(sizes)
+        ctx.save_for_backward(x_c, w_c)
+        ctx.sizes, ctx.dtypes = sizes, (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return tuple(F.linear(x_c, w, b) for w, b in zip(w_c.split(sizes), b_c))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, weight = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        rows = x.reshape(-1, x.shape[-1])  # (N, D)
+        grad_w = torch.empty_like(weight)  # (sum(sizes), D), filled block by block
+        grad_b = weight.new_empty(weight.shape[0]) if b_dtype is not None else None
+        grad_x = None
+        for i, (g, w) in enumerate(zip(grads, weight.split(ctx.sizes))):
+            g = g.reshape(-1, g.shape[-1]).to(weight.dtype)  # (N, n)
+            torch.mm(g.t(), rows, out=grad_w.split(ctx.sizes)[i])  # (n, D), into its rows
+            if grad_b is not None:
+                torch.sum(g, dim=0, out=grad_b.split(ctx.sizes)[i])
+            grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)  # (N, D)
+        grad_b = grad_b.to(b_dtype) if grad_b is not None else None
+        return grad_x.view(x.shape).to(x_dtype), grad_w.to(w_dtype), grad_b, None
+
+
+def row_blocks(linear: nn.Linear, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of ``linear`` split into row blocks of ``sizes`` (views): forward-only use by parts."""
     biases = linear.bias.split(sizes) if linear.bias is not None else [None] * len(sizes)
     return list(zip(linear.weight.split(sizes), biases))
+
+
+def linear_blocks(x: torch.Tensor, linear: nn.Linear, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """``linear(x).split(sizes, -1)``: through :class:`LinearBlocks` when gradients are recorded."""
+    if torch.is_grad_enabled():
+        return LinearBlocks.apply(x, linear.weight, linear.bias, sizes)
+    return tuple(F.linear(x, w, b) for w, b in row_blocks(linear, sizes))
+
+
+def mlp_chunks(x: torch.Tensor) -> int:
+    """How many token slices a forward-only MLP runs over, for x: (B, L, D): up to 4, one per D rows. Slicing pays
+    where the (B, L, 4D) hidden state outweighs the MLP's weights (4D x D); below D rows it would only re-read them."""
+    return max(1, min(4, x.shape[0] * x.shape[1] // x.shape[-1]))
 
 
 def row_chunks(x: torch.Tensor, chunks: int) -> list[torch.Tensor]:
@@ -136,13 +184,13 @@ def row_chunks(x: torch.Tensor, chunks: int) -> list[torch.Tensor]:
     return x.reshape(-1, x.shape[-1]).chunk(chunks)
 
 
-def feed_forward(mlp: nn.Module, x: torch.Tensor, chunks: int = 4) -> torch.Tensor:
-    """mlp(x) for x: (B, L, D). Forward only (no gradient recorded), over ``chunks`` slices of the tokens: the
-    (B, L, M) hidden state, four times wider than x, then never exists whole. With gradients it must be kept for
-    backward anyway, so the MLP runs at once."""
+def feed_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """mlp(x) for x: (B, L, D). Forward only (no gradient recorded), over :func:`mlp_chunks` slices of the tokens:
+    the (B, L, M) hidden state, four times wider than x, then never exists whole. With gradients it must be kept
+    for backward anyway, so the MLP runs at once."""
     if torch.is_grad_enabled():
         return mlp(x)
-    return torch.cat([mlp(part) for part in row_chunks(x, chunks)]).view(*x.shape[:-1], -1)
+    return torch.cat([mlp(part) for part in row_chunks(x, mlp_chunks(x))]).view(*x.shape[:-1], -1)
 
 
 class MLPEmbedder(nn.Module):
@@ -214,7 +262,7 @@ class SelfAttention(nn.Module):
 
     def heads_qk_v(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, L, D) -> q and k stacked, (B, L, 2, H, Dh), not yet normalised; v, (B, L, H, Dh)."""
-        qk, v = (F.linear(x, w, b) for w, b in row_blocks(self.qkv, [2 * x.shape[-1], x.shape[-1]]))  # 2D, D wide
+        qk, v = linear_blocks(x, self.qkv, [2 * x.shape[-1], x.shape[-1]])  # (B, L, 2D), (B, L, D)
         return qk.unflatten(-1, (2, self.heads, -1)), v.unflatten(-1, (self.heads, -1))
 
 
@@ -277,8 +325,6 @@ class SingleStreamBlock(nn.Module):
     """DiT block over the concatenated context + image sequence, attention and MLP in parallel (one linear in,
     one linear out)."""
 
-    mlp_chunks = 4  # forward only: the MLP runs over this many slices of the tokens
-
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.heads, self.mlp_hidden = heads, int(dim * mlp_ratio)
@@ -293,19 +339,21 @@ class SingleStreamBlock(nn.Module):
         mod, _ = self.modulation(vec_act)  # (B, 1, D) each
         h = modulate(self.pre_norm(x), mod)  # (B, L, D)
         D = h.shape[-1]
-        (w_qk, b_qk), (w_v, b_v), (w_mlp, b_mlp) = row_blocks(self.linear1, [2 * D, D, self.mlp_hidden])
-        qk = F.linear(h, w_qk, b_qk).unflatten(-1, (2, self.heads, -1))  # (B, L, 2, H, Dh)
-        v = F.linear(h, w_v, b_v).unflatten(-1, (self.heads, -1))  # (B, L, H, Dh)
-        attn = attention(qk, v, self.norm.scales(), table)  # (B, L, D)
-        del qk, v  # forward only, released before the MLP
-        mlp = lambda rows: F.gelu(F.linear(rows, w_mlp, b_mlp), approximate="tanh")  # (..., D) -> (..., M)
         if torch.is_grad_enabled():  # backward keeps every activation anyway
-            out = self.linear2(torch.cat([attn, mlp(h)], dim=-1))  # (B, L, D)
-        else:  # forward only: the MLP and linear2 over slices of the tokens, no (B, L, M) buffer
-            out = torch.cat([self.linear2(torch.cat([a, mlp(rows)], dim=-1))  # (rows, D)
-                             for rows, a in zip(row_chunks(h, self.mlp_chunks), row_chunks(attn, self.mlp_chunks))])
-            out = out.view_as(h)
-        return gated(x, mod, out)  # (B, L, D)
+            qk, v, mlp_in = linear_blocks(h, self.linear1, [2 * D, D, self.mlp_hidden])
+            attn = attention(qk.unflatten(-1, (2, self.heads, -1)), v.unflatten(-1, (self.heads, -1)),
+                             self.norm.scales(), table)  # (B, L, D)
+            out = self.linear2(torch.cat([attn, F.gelu(mlp_in, approximate="tanh")], dim=-1))  # (B, L, D)
+            return gated(x, mod, out)
+        # Forward only: q, k, v from linear1's first rows, then the MLP input, its activation, the concatenation
+        # and linear2 over slices of the tokens (no (B, L, M) buffer), q, k, v released before.
+        (w_qk, b_qk), (w_v, b_v), (w_mlp, b_mlp) = row_blocks(self.linear1, [2 * D, D, self.mlp_hidden])
+        attn = attention(F.linear(h, w_qk, b_qk).unflatten(-1, (2, self.heads, -1)),
+                         F.linear(h, w_v, b_v).unflatten(-1, (self.heads, -1)), self.norm.scales(), table)
+        chunks = mlp_chunks(h)
+        out = torch.cat([self.linear2(torch.cat([a, F.gelu(F.linear(rows, w_mlp, b_mlp), approximate="tanh")], -1))
+                         for rows, a in zip(row_chunks(h, chunks), row_chunks(attn, chunks))])  # (B * L, D)
+        return gated(x, mod, out.view_as(h))
 
 
 class LastLayer(nn.Module):
