@@ -144,20 +144,23 @@ class LinearBlocks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors  # in the compute dtype
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         rows = x.reshape(-1, x.shape[-1])  # (N, D)
-        grad_w = torch.empty_like(weight)  # (sum(sizes), D), filled block by block
-        grad_b = weight.new_empty(weight.shape[0]) if b_dtype is not None else None
+        grad_w = weight.new_empty(weight.shape, dtype=w_dtype)  # (sum(sizes), D), filled block by block
+        grad_b = weight.new_empty(weight.shape[0], dtype=b_dtype) if b_dtype is not None else None
         grad_x = None
         for i, (g, w) in enumerate(zip(grads, weight.split(ctx.sizes))):
             g = g.reshape(-1, g.shape[-1]).to(weight.dtype)  # (N, n)
-            torch.mm(g.t(), rows, out=grad_w.split(ctx.sizes)[i])  # (n, D), into its rows
+            block = grad_w.split(ctx.sizes)[i]  # (n, D): its rows of the gradient
+            if block.dtype == g.dtype:
+                torch.mm(g.t(), rows, out=block)
+            else:  # autocast: computed in its dtype, converted block by block (no whole-weight temporary)
+                block.copy_(g.t() @ rows)
             if grad_b is not None:
-                torch.sum(g, dim=0, out=grad_b.split(ctx.sizes)[i])
+                grad_b.split(ctx.sizes)[i].copy_(g.sum(dim=0))
             grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)  # (N, D)
-        grad_b = grad_b.to(b_dtype) if grad_b is not None else None
-        return grad_x.view(x.shape).to(x_dtype), grad_w.to(w_dtype), grad_b, None
+        return grad_x.view(x.shape).to(x_dtype), grad_w, grad_b, None
 
 
 def row_blocks(linear: nn.Linear, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
