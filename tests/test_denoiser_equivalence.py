@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from genhancer.config import ObjectiveConfig
-from genhancer.denoisers import flux
+from genhancer.denoisers import flux, layers
 from genhancer.enhancer import build_head
 from genhancer.latents import PixelSpace
 from genhancer.objectives import RectifiedFlow
@@ -112,7 +112,7 @@ def test_the_single_block_keeps_no_fused_buffer_alive_without_grad():
     hidden state never exist: no tensor the block's ops produce is larger than the q and k projection (B, L, 2D)."""
     block = flux.SingleStreamBlock(dim=16, heads=2, mlp_ratio=4.0)
     x, vec = torch.randn(2, 48, 16), torch.randn(2, 16)  # 96 rows: the MLP runs over 4 slices of 24
-    table = flux.rope_table(torch.zeros(48, 3), (2, 2, 4), 10_000)[:, None, None]
+    table = layers.rope_table(torch.zeros(48, 3), (2, 2, 4), 10_000)[:, None, None]
     sizes = []
 
     class Sizes(torch.utils._python_dispatch.TorchDispatchMode):
@@ -132,7 +132,7 @@ def test_linear_blocks_equal_the_split_linear_with_gradients():
     linear = torch.nn.Linear(8, 12)
     x = torch.randn(3, 5, 8, requires_grad=True)
     weights = torch.randn(3, 5, 12)
-    (torch.cat(flux.linear_blocks(x, linear, [4, 2, 6]), -1) * weights).sum().backward()
+    (torch.cat(layers.linear_blocks(x, linear, [4, 2, 6]), -1) * weights).sum().backward()
     grads = x.grad, linear.weight.grad, linear.bias.grad
     x.grad = linear.weight.grad = linear.bias.grad = None
     (linear(x) * weights).sum().backward()

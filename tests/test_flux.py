@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from genhancer.config import ConfigError, ObjectiveConfig, load_config
 from genhancer.denoisers import DENOISERS
-from genhancer.denoisers.flux import Flux, apply_rope_, rope_table
+from genhancer.denoisers.flux import Flux
+from genhancer.denoisers.layers import apply_rope_, rope_table
 from genhancer.enhancer import build_enhancer, build_head
 from genhancer.latents import PixelSpace
 from genhancer.objectives import TIMESTEP_SCHEDULES, RectifiedFlow
