@@ -98,7 +98,8 @@ class LinearBlocks(torch.autograd.Function):
     def forward(ctx, x, weight, bias, sizes):
         """x: (..., D); weight: (sum(sizes), D); bias: (sum(sizes),) or None -> one (..., n) tensor per size n."""
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        autocast = device != "meta" and torch.is_autocast_enabled(device)  # meta: FLOP counting, no autocast
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         x_c, w_c = x.to(dtype), weight.to(dtype)
         b_c = bias.to(dtype).split(sizes) if bias is not None else [None] * len(sizes)
         ctx.save_for_backward(x_c, w_c)
@@ -122,7 +123,8 @@ class LinearBlocks(torch.autograd.Function):
                 block.copy_(g.t() @ rows)
             if grad_b is not None:
                 grad_b.split(ctx.sizes)[i].copy_(g.sum(dim=0))
-            grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)  # (N, D)
+            # accumulated in place; addmm's out= form, which FLOP counters see (they do not see addmm_)
+            grad_x = g @ w if grad_x is None else torch.addmm(grad_x, g, w, out=grad_x)  # (N, D)
         return grad_x.view(x.shape).to(x_dtype), grad_w, grad_b, None
 
 
