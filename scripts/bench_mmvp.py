@@ -1,10 +1,12 @@
-"""Time MMVP-VLM evaluation batched vs pair by pair (the reference protocol's loop) in one run; print the ratio.
+"""Time MMVP-VLM evaluation batched vs pair by pair (the reference protocol's loop) in one run; print the ratios.
 
 Default: two small CLIPs, the one shipped with the package (miniworld: width 128, 3 layers, 64 px) and a random
 tiny one (width 32, 2 layers, 32 px, the shipped tokenizer), on a freshly written miniworld MMVP-VLM benchmark
 (135 pairs), on CPU with one thread. Both paths are timed end to end (image decoding, preprocessing, tokenising,
-model, and the batched path's near-tie rechecks) in alternation on the same machine; the figure is
-median(pairwise) / median(batched). Both paths must agree on every pick and score, or the script fails.
+model, and the batched path's near-tie rechecks) in alternation on the same machine, together with the towers
+alone on the same inputs prepared beforehand (the model compute: image tower, text tower, logits). The figures
+are median(pairwise) / median(batched), and median(model) / median(batched), the share of the batched evaluation
+that is model compute. Both paths must agree on every pick and score, or the script fails.
 
     OMP_NUM_THREADS=1 python scripts/bench_mmvp.py [--model DIR ...] [--benchmark DIR] [--repeats 5]
 """
@@ -54,12 +56,29 @@ def random_tiny_clip(out: str) -> str:
     return out
 
 
+def model_compute(model, benchmark: str, batch_size: int):
+    """A run of the towers alone on the evaluation's inputs, prepared beforehand: the compute bound."""
+    pairs = mmvp.load_benchmark(benchmark)
+    images = [pair.read_image(j) for pair in pairs for j in (0, 1)]
+    pixels = [model.pixel_values(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    ids = model.tokenize([mmvp.PROMPT + s for pair in pairs for s in pair.statements]).split(batch_size)
+
+    def run():
+        image_embeds = torch.cat([model.embed_pixels(p) for p in pixels])
+        text_embeds = torch.cat([model.embed_ids(chunk) for chunk in ids])
+        return model.logits_per_text(text_embeds.view(len(pairs), 2, -1), image_embeds.view(len(pairs), 2, -1))
+
+    return run
+
+
 def bench(model_dir: str, benchmark: str, args) -> None:
-    """Time both paths on one model, check they agree, print the medians and their ratio."""
+    """Time both paths and the towers alone on one model, check the paths agree, print medians and ratios."""
     model = load_model(model_dir, args.device)
     runs = {"batched": lambda: mmvp.evaluate(model, benchmark, args.batch_size),
-            "pairwise": lambda: mmvp.evaluate_pairwise(model, benchmark)}  # fmt: skip
-    results = {name: run() for name, run in runs.items()}  # warm-up, and the agreement check
+            "pairwise": lambda: mmvp.evaluate_pairwise(model, benchmark),
+            "model": model_compute(model, benchmark, args.batch_size)}  # fmt: skip
+    results = {name: runs[name]() for name in ("batched", "pairwise")}  # warm-up, and the agreement check
+    runs["model"]()
     picks = {name: [(r["pred1"], r["pred2"]) for r in result.rows] for name, result in results.items()}
     if picks["batched"] != picks["pairwise"] or results["batched"].scores != results["pairwise"].scores:
         raise SystemExit(f"{model_dir}: batched and pairwise results differ")
@@ -69,11 +88,14 @@ def bench(model_dir: str, benchmark: str, args) -> None:
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    med = {name: statistics.median(t) for name, t in times.items()}
     print(f"\nmodel: {model_dir} ({model.family}, {sum(p.numel() for p in model.model.parameters()):,} parameters)")
-    for name, median in medians.items():
-        print(f"{name:>9}: median {median:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in times[name])})")
-    print(f"identical picks and scores; speed-up batched vs pairwise: {medians['pairwise'] / medians['batched']:.1f}x")
+    for name, median in med.items():
+        print(f"{name:>9}: median {median * 1e3:7.1f} ms  (runs: {', '.join(f'{t * 1e3:.1f}' for t in times[name])})")
+    print(f"identical picks and scores; batched vs pairwise: {med['pairwise'] / med['batched']:.1f}x faster; "
+          f"model compute is {med['model'] / med['batched']:.0%} of the batched evaluation "
+          f"(evaluation / model compute = {med['batched'] / med['model']:.2f})")
+    print(f"load: {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
 
 
 def main() -> None:

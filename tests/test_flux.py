@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from genhancer.config import ConfigError, ObjectiveConfig, load_config
 from genhancer.denoisers import DENOISERS
-from genhancer.denoisers.flux import Flux, apply_rope, rope_frequencies
+from genhancer.denoisers.flux import Flux
+from genhancer.denoisers.layers import apply_rope_, rope_table
 from genhancer.enhancer import build_enhancer, build_head
 from genhancer.latents import PixelSpace
 from genhancer.objectives import TIMESTEP_SCHEDULES, RectifiedFlow
@@ -89,15 +90,23 @@ def test_condition_reaches_the_prediction_through_both_paths():
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50))
 def test_rope_preserves_norms_and_depends_on_relative_position(r, c, shift):
-    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
-    rot = lambda pos: rope_frequencies(torch.tensor([[pos]], dtype=torch.float32), (4, 6, 6), 10_000)
+    q, k = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 16)  # (B, L, H, Dh)
+    apply_rope = lambda x, table: apply_rope_(x.clone(), table)
+    rot = lambda pos: rope_table(torch.tensor([pos], dtype=torch.float32), (4, 6, 6), 10_000)[:, None]  # (1, 1, 8)
     p1, p2 = rot([0, r, c]), rot([0, r + shift, c + shift])
     torch.testing.assert_close(apply_rope(q, p1).norm(), q.norm())
-    base = rot([0, 0, 0])
-    s1 = (apply_rope(q, p1) * apply_rope(k, p1)).sum()
-    s0 = (apply_rope(q, base) * apply_rope(k, base)).sum()
-    torch.testing.assert_close(s1, s0, atol=1e-4, rtol=1e-4)  # same position: score independent of it
-    assert p2.shape == p1.shape
+    s1 = (apply_rope(q, p1) * apply_rope(k, p2)).sum()
+    s0 = (apply_rope(q, rot([0, 0, 0])) * apply_rope(k, rot([0, shift, shift]))).sum()
+    torch.testing.assert_close(s1, s0, atol=1e-4, rtol=1e-4)  # the score depends on the offset only
+
+
+def test_rope_rotates_consecutive_pairs_by_position_times_frequency():
+    table = rope_table(torch.tensor([[0.0, 3.0, 5.0]]), (2, 2, 4), 100)  # (1, 4): axes 1, 1, 2 frequencies
+    assert table.shape == (1, 4) and table.dtype == torch.complex64
+    angles = torch.tensor([0.0, 3.0, 5.0, 5.0 * 100 ** -0.5])
+    torch.testing.assert_close(torch.view_as_real(table[0]), torch.stack([angles.cos(), angles.sin()], -1))
+    x = torch.tensor([[1.0, 0.0] * 4])  # (1, 8): four unit pairs along the real axis
+    torch.testing.assert_close(apply_rope_(x, table), torch.stack([angles.cos(), angles.sin()], -1).flatten()[None])
 
 
 def test_presets_are_well_formed():

@@ -40,9 +40,9 @@ PRESETS = {
     # Random weights: the step costs the same, and no download is needed.
     "paper": {"model.backbone": "openai-clip-vit-l-14-224", "model.random_init": True, "model.latent": "flux-vae",
               "model.denoiser": "flux-paper", "train.precision": "bf16", "train.grad_accum": 1},
-    # The same structure in miniature, for CPUs: the shipped 64px miniworld CLIP (ViT 4 x 128), a 3-level
-    # AutoencoderKL (32/64/64 channels, 4 latent channels, /4; random weights) and flux-tiny; images are made in
-    # the main process (workers are a switch to measure, and compete with the step for a small CPU's cores).
+    # The same structure in miniature, for CPUs: the shipped 64px miniworld CLIP (width 96, 480,385 parameters),
+    # a 3-level AutoencoderKL (32/64/64 channels, 4 latent channels, /4; random weights) and flux-tiny; images are
+    # made in the main process (workers are a switch to measure, and compete with the step for a small CPU's cores).
     "tiny": {"model.backbone": "<miniworld-clip>", "model.latent": "autoencoder", "model.latent_path": "<tiny-vae>",
              "model.denoiser": "flux-tiny", "train.precision": "fp32", "train.grad_accum": 1,
              "data.num_workers": 0},

@@ -199,7 +199,7 @@ def _encode(enh, chunk, view, kind, local, device, autocast, dtype) -> dict[str,
         target = enh.target({"pixels": pixels})
         out = {}
         if kind == "cond":
-            out["cond"] = enh.backbone(pixels, local).float()
+            out["cond"] = enh.tokens(pixels, local).float()
     out = {k: v.to(dtype).cpu() for k, v in out.items()}
     # code indices stay integers: a bf16 cache would silently round indices above 256
     out["target"] = target.cpu() if not target.is_floating_point() else target.float().to(dtype).cpu()

@@ -99,6 +99,7 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; None: one epoch of the dataset
     epochs: int = 1
     precision: str = "bf16"  # "bf16", "fp16" or "fp32"
+    frozen_bf16: bool = False  # run the frozen encoders (autoencoder; vision encoder in stage 1) in bf16 in an fp32 step
     seed: int = 0
     log_every: int = 10
     save_every: int = 1000

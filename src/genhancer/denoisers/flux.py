@@ -15,11 +15,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from ..projector import Projector
 from .base import run_block
+from .layers import attention, feed_forward, linear_blocks, mlp_chunks, rope_table, row_blocks, row_chunks
 
 
 @dataclass(frozen=True)
@@ -51,32 +51,6 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10_000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
-    """ids: (B, L, n_axes) positions -> rotation matrices (B, 1, L, head_dim // 2, 2, 2)."""
-    out = []
-    for i, d in enumerate(axes_dim):
-        scale = torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d
-        omega = 1.0 / theta**scale
-        ang = ids[..., i].double()[..., None] * omega  # (B, L, d/2)
-        out.append(torch.stack([ang.cos(), -ang.sin(), ang.sin(), ang.cos()], dim=-1))
-    rot = torch.cat(out, dim=-2)
-    return rearrange(rot, "b l d (i j) -> b 1 l d i j", i=2, j=2).float()
-
-
-def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, L, Dh) rotated pairwise by rot: (B, 1, L, Dh/2, 2, 2)."""
-    xp = x.float().reshape(*x.shape[:-1], -1, 1, 2)
-    out = rot[..., 0] * xp[..., 0] + rot[..., 1] * xp[..., 1]
-    return out.reshape(x.shape).type_as(x)
-
-
-def attention(q, k, v, rot):
-    """q, k, v: (B, H, L, Dh) -> (B, L, H * Dh), RoPE applied to q and k."""
-    q, k = apply_rope(q, rot), apply_rope(k, rot)
-    x = F.scaled_dot_product_attention(q, k, v)
-    return rearrange(x, "b h l d -> b l (h d)")
-
-
 class MLPEmbedder(nn.Module):
     """Linear -> SiLU -> Linear embedding of a conditioning vector."""
 
@@ -89,15 +63,16 @@ class MLPEmbedder(nn.Module):
 
 
 class QKNorm(nn.Module):
-    """RMS normalisation of queries and keys per head, with learned scales."""
+    """RMS normalisation of queries and keys per head, with learned scales (applied in :func:`attention`)."""
 
     def __init__(self, head_dim: int):
         super().__init__()
         self.query_norm = nn.RMSNorm(head_dim, eps=1e-6)
         self.key_norm = nn.RMSNorm(head_dim, eps=1e-6)
 
-    def forward(self, q, k, v):
-        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+    def scales(self) -> torch.Tensor:
+        """(2, 1, Dh): the q and k scales, broadcast over the heads."""
+        return torch.stack([self.query_norm.weight, self.key_norm.weight])[:, None]
 
 
 class ModulationOut(NamedTuple):
@@ -117,18 +92,24 @@ class Modulation(nn.Module):
         self.multiplier = 6 if double else 3
         self.lin = nn.Linear(dim, self.multiplier * dim)
 
-    def forward(self, vec: torch.Tensor) -> tuple[ModulationOut, ModulationOut | None]:
-        """vec: (B, D) -> (attention modulation, MLP modulation or None)."""
-        out = self.lin(F.silu(vec))[:, None].chunk(self.multiplier, dim=-1)  # multiplier x (B, 1, D)
+    def forward(self, vec_act: torch.Tensor) -> tuple[ModulationOut, ModulationOut | None]:
+        """vec_act: silu(vec), (B, D), computed once for all blocks -> (attention modulation, MLP one or None)."""
+        out = self.lin(vec_act)[:, None].chunk(self.multiplier, dim=-1)  # multiplier x (B, 1, D)
         return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
 
 
 def modulate(x: torch.Tensor, mod: ModulationOut) -> torch.Tensor:
-    return (1 + mod.scale) * x + mod.shift
+    """(1 + scale) * x + shift in one kernel over x."""
+    return torch.addcmul(mod.shift, x, 1 + mod.scale)
+
+
+def gated(x: torch.Tensor, mod: ModulationOut, out: torch.Tensor) -> torch.Tensor:
+    """x + gate * out in one kernel."""
+    return torch.addcmul(x, mod.gate, out)
 
 
 class SelfAttention(nn.Module):
-    """QKV projection with QK-norm, and the output projection, of one stream."""
+    """QKV projection (fused) with QK-norm, and the output projection, of one stream."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool):
         super().__init__()
@@ -137,11 +118,10 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: torch.Tensor):
-        """x: (B, L, D) -> q, k, v: (B, H, L, Dh), q and k normalised."""
-        q, k, v = rearrange(self.qkv(x), "b l (k h d) -> k b h l d", k=3, h=self.heads)
-        q, k = self.norm(q, k, v)
-        return q, k, v
+    def heads_qk_v(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, L, D) -> q and k stacked, (B, L, 2, H, Dh), not yet normalised; v, (B, L, H, Dh)."""
+        qk, v = linear_blocks(x, self.qkv, [2 * x.shape[-1], x.shape[-1]])  # (B, L, 2D), (B, L, D)
+        return qk.unflatten(-1, (2, self.heads, -1)), v.unflatten(-1, (self.heads, -1))
 
 
 def mlp(dim: int, ratio: float) -> nn.Sequential:
@@ -172,25 +152,31 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm2 = norm(dim)
         self.txt_mlp = mlp(dim, mlp_ratio)
 
-    def forward(self, img, txt, vec, rot):
-        """img: (B, Li, D), txt: (B, Lt, D), vec: (B, D), rot: RoPE of [txt; img] -> updated (img, txt)."""
-        img_mod1, img_mod2 = self.img_mod(vec)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+    def forward(self, img, txt, vec_act, table):
+        """img: (B, Li, D), txt: (B, Lt, D), vec_act: silu(vec) (B, D), table: RoPE of [txt; img]
+        -> updated (img, txt)."""
+        img_mod1, img_mod2 = self.img_mod(vec_act)  # (B, 1, D) each
+        txt_mod1, txt_mod2 = self.txt_mod(vec_act)
+        img_attn, txt_attn = self.attend(modulate(self.img_norm1(img), img_mod1),
+                                         modulate(self.txt_norm1(txt), txt_mod1), table)  # (B, Li, D), (B, Lt, D)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), img_mod1))  # (B, H, Li, Dh)
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), txt_mod1))  # (B, H, Lt, Dh)
-
-        # Joint attention over the context tokens followed by the image tokens.
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        attn = attention(q, k, v, rot)  # (B, Lt + Li, D)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
-
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp(modulate(self.img_norm2(img), img_mod2))
-
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp(modulate(self.txt_norm2(txt), txt_mod2))
+        img = gated(img, img_mod1, img_attn)  # (B, Li, D)
+        img = gated(img, img_mod2, feed_forward(self.img_mlp, modulate(self.img_norm2(img), img_mod2)))
+        txt = gated(txt, txt_mod1, txt_attn)  # (B, Lt, D)
+        txt = gated(txt, txt_mod2, feed_forward(self.txt_mlp, modulate(self.txt_norm2(txt), txt_mod2)))
         return img, txt
+
+    def attend(self, img, txt, table):
+        """Joint attention over the context tokens followed by the image tokens, projected back per stream:
+        (B, Li, D), (B, Lt, D) -> the same shapes. Every position gets its own stream's q / k scales. (A method,
+        so that its buffers are released when it returns.)"""
+        n_txt, n_img = txt.shape[1], img.shape[1]
+        (txt_qk, txt_v), (img_qk, img_v) = self.txt_attn.heads_qk_v(txt), self.img_attn.heads_qk_v(img)
+        qk, v = torch.cat([txt_qk, img_qk], dim=1), torch.cat([txt_v, img_v], dim=1)  # (B, Lt + Li, [2,] H, Dh)
+        qk_scale = torch.cat([self.txt_attn.norm.scales().expand(n_txt, -1, -1, -1),
+                              self.img_attn.norm.scales().expand(n_img, -1, -1, -1)])  # (Lt + Li, 2, 1, Dh)
+        txt_attn, img_attn = attention(qk, v, qk_scale, table).split([n_txt, n_img], dim=1)  # (B, Lt|Li, D)
+        return self.img_attn.proj(img_attn), self.txt_attn.proj(txt_attn)
 
 
 class SingleStreamBlock(nn.Module):
@@ -206,15 +192,26 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = norm(dim)
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x, vec, rot):
-        """x: (B, L, D), vec: (B, D), rot: RoPE of x -> (B, L, D)."""
-        mod, _ = self.modulation(vec)
-        qkv, mlp_in = torch.split(self.linear1(modulate(self.pre_norm(x), mod)),
-                                  [3 * x.shape[-1], self.mlp_hidden], dim=-1)
-        q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=self.heads)  # (B, H, L, Dh)
-        q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat([attention(q, k, v, rot), F.gelu(mlp_in, approximate="tanh")], -1))
-        return x + mod.gate * out
+    def forward(self, x, vec_act, table):
+        """x: (B, L, D), vec_act: silu(vec) (B, D), table: RoPE of x -> (B, L, D)."""
+        mod, _ = self.modulation(vec_act)  # (B, 1, D) each
+        h = modulate(self.pre_norm(x), mod)  # (B, L, D)
+        D = h.shape[-1]
+        if torch.is_grad_enabled():  # backward keeps every activation anyway
+            qk, v, mlp_in = linear_blocks(h, self.linear1, [2 * D, D, self.mlp_hidden])
+            attn = attention(qk.unflatten(-1, (2, self.heads, -1)), v.unflatten(-1, (self.heads, -1)),
+                             self.norm.scales(), table)  # (B, L, D)
+            out = self.linear2(torch.cat([attn, F.gelu(mlp_in, approximate="tanh")], dim=-1))  # (B, L, D)
+            return gated(x, mod, out)
+        # Forward only: q, k, v from linear1's first rows, then the MLP input, its activation, the concatenation
+        # and linear2 over slices of the tokens (no (B, L, M) buffer), q, k, v released before.
+        (w_qk, b_qk), (w_v, b_v), (w_mlp, b_mlp) = row_blocks(self.linear1, [2 * D, D, self.mlp_hidden])
+        attn = attention(F.linear(h, w_qk, b_qk).unflatten(-1, (2, self.heads, -1)),
+                         F.linear(h, w_v, b_v).unflatten(-1, (self.heads, -1)), self.norm.scales(), table)
+        chunks = mlp_chunks(h)
+        out = torch.cat([self.linear2(torch.cat([a, F.gelu(F.linear(rows, w_mlp, b_mlp), approximate="tanh")], -1))
+                         for rows, a in zip(row_chunks(h, chunks), row_chunks(attn, chunks))])  # (B * L, D)
+        return gated(x, mod, out.view_as(h))
 
 
 class LastLayer(nn.Module):
@@ -226,10 +223,10 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(dim, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x, vec):
-        """x: (B, L, D), vec: (B, D) -> (B, L, out_dim)."""
-        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
-        return self.linear((1 + scale) * self.norm_final(x) + shift)
+    def forward(self, x, vec_act):
+        """x: (B, L, D), vec_act: silu(vec) (B, D) -> (B, L, out_dim)."""
+        shift, scale = self.adaLN_modulation[1](vec_act)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        return self.linear(torch.addcmul(shift, self.norm_final(x), 1 + scale))  # (B, L, out_dim)
 
 
 class Flux(nn.Module):
@@ -275,22 +272,25 @@ class Flux(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, img, img_ids, txt, txt_ids, t, vec_cond):
-        """img: (B, Li, in_channels) patch tokens, img_ids: (B, Li, 3), txt: (B, Lt, ctx_dim), txt_ids: (B, Lt, 3),
-        t: (B,), vec_cond: (B, vec_dim) -> velocity (B, Li, in_channels)."""
+        """img: (B, Li, in_channels) patch tokens, img_ids: (Li, 3), txt: (B, Lt, ctx_dim), txt_ids: (Lt, 3),
+        t: (B,), vec_cond: (B, vec_dim) -> velocity (B, Li, in_channels). Positions are shared by the batch."""
         a = self.arch
+        # The sinusoidal features stay float32 up to the first linear (autocast rounds there, not before).
         vec = self.time_in(timestep_embedding(t).to(img.dtype))  # (B, D)
         vec = vec + self.vector_in(vec_cond)  # (B, D)
         if self.guidance_in is not None:
             g = torch.full_like(t, a.guidance)  # (B,)
             vec = vec + self.guidance_in(timestep_embedding(g).to(img.dtype))  # (B, D)
+        vec_act = F.silu(vec)  # (B, D): every modulation reads silu(vec)
         img, txt = self.img_in(img), self.txt_in(txt)  # (B, Li, D), (B, Lt, D)
-        rot = rope_frequencies(torch.cat([txt_ids, img_ids], dim=1), a.axes_dim, a.theta)  # (B, 1, Lt + Li, Dh/2, 2, 2)
+        table = rope_table(torch.cat([txt_ids, img_ids]), a.axes_dim, a.theta)[:, None, None]  # (Lt + Li, 1, 1, Dh/2)
         for block in self.double_blocks:
-            img, txt = run_block(block, self.grad_checkpointing, img, txt, vec, rot)  # (B, Li, D), (B, Lt, D)
-        x = torch.cat([txt, img], dim=1)  # (B, Lt + Li, D)
+            img, txt = run_block(block, self.grad_checkpointing, img, txt, vec_act, table)  # (B, Li, D), (B, Lt, D)
+        n_txt, x = txt.shape[1], torch.cat([txt, img], dim=1)  # (B, Lt + Li, D)
+        del img, txt  # nothing saves them: released for the single blocks' activations
         for block in self.single_blocks:
-            x = run_block(block, self.grad_checkpointing, x, vec, rot)  # (B, Lt + Li, D)
-        return self.final_layer(x[:, txt.shape[1]:], vec)  # (B, Li, in_channels)
+            x = run_block(block, self.grad_checkpointing, x, vec_act, table)  # (B, Lt + Li, D)
+        return self.final_layer(x[:, n_txt:], vec_act)  # (B, Li, in_channels)
 
 
 class FluxHead(nn.Module):
@@ -315,8 +315,8 @@ class FluxHead(nn.Module):
                              f"{tuple(target_shape)}: set model.denoiser_arch.patch_size or use another latent")
 
     def forward(self, img, img_ids, cond, txt_ids, t):
-        """img: (B, Li, in_channels) patch tokens; img_ids: (B, Li, 3); cond: (B, L, D_c) condition tokens;
-        txt_ids: (B, L, 3); t: (B,) -> velocity (B, Li, in_channels)."""
+        """img: (B, Li, in_channels) patch tokens; img_ids: (Li, 3); cond: (B, L, D_c) condition tokens;
+        txt_ids: (L, 3); t: (B,) -> velocity (B, Li, in_channels)."""
         return self.denoiser(img, img_ids, self.proj_ctx(cond), txt_ids, t, self.proj_vec(cond[:, 0]))
 
 

@@ -16,9 +16,10 @@ The reference (MMVP's ``scripts/evaluate_vlm.py`` and its transformers port used
 - category accuracy = ``(correct / (num_pairs // 9)) * 100`` in Python floats, average = ``sum(nine) / 9``. Nothing
   is rounded (the reference prints raw floats); reports round to one decimal for display only.
 
-Batching changes only how often the towers run: every image and statement is embedded once, in batches, and each
-pair's 2x2 ``logits_per_text`` is formed from those embeddings with the forward's own arithmetic
-(:meth:`EvalModel.logits_per_text`). Matrix products of other shapes round differently, so a batched probability
+Batching changes only how often the towers run: every image and statement is embedded once, in batches (images
+decoded ahead of the model in a thread and normalised in torch to the processor's exact pixels, see
+:mod:`.pixels`; the statements tokenised in one call), and each pair's 2x2 ``logits_per_text`` is formed from those
+embeddings with the forward's own arithmetic (:meth:`EvalModel.logits_per_text`). Matrix products of other shapes round differently, so a batched probability
 can differ from the pair-by-pair one in its last bits (measured: <= 1e-6 on CPU in fp32, up to a 12-layer model).
 That decides a pick only for a probability at a hair's breadth from 0.5, so every statement whose probability is
 within ``recheck_band`` (default 1e-5) of 0.5 is recomputed by the reference's own forward (its text with the pair's
@@ -42,6 +43,7 @@ from tqdm import tqdm
 from genhancer.errors import ConfigError
 from genhancer.evaluation import write_json
 from genhancer.evaluation.models import EvalModel, read_image
+from genhancer.evaluation.pixels import pixel_batches
 
 PROMPT = "a photo of "
 CATEGORIES = (
@@ -218,9 +220,12 @@ def evaluate(
     module docstring); ``recheck_band=0`` turns that off.
     """
     pairs = load_benchmark(root)
-    # image i is image i % 2 of pair i // 2
-    image_embeds = model.embed_images(lambda i: pairs[i // 2].read_image(i % 2), 2 * len(pairs), batch_size)
-    text_embeds = model.embed_texts([PROMPT + s for pair in pairs for s in pair.statements], batch_size)
+    # image i is image i % 2 of pair i // 2; decoded ahead of the model in threads, normalised in torch per batch
+    load = lambda i: pairs[i // 2].read_image(i % 2)
+    image_embeds = torch.cat([model.embed_pixels(pixels) for pixels in
+                              pixel_batches(model.image_processor, load, 2 * len(pairs), batch_size)])
+    ids = model.tokenize([PROMPT + s for pair in pairs for s in pair.statements])  # all 270 statements at once
+    text_embeds = torch.cat([model.embed_ids(chunk) for chunk in ids.split(batch_size)])
     # (P, 2 statements, D) x (P, 2 images, D) -> (P, 2, 2): each pair's logits_per_text
     logits = model.logits_per_text(text_embeds.view(len(pairs), 2, -1), image_embeds.view(len(pairs), 2, -1))
     probs = logits.softmax(dim=-1)[..., 0].cpu().numpy()

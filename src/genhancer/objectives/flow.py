@@ -49,12 +49,12 @@ def unpatchify(tokens: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
     return rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=p, pw=p)
 
 
-def image_ids(b: int, h: int, w: int, device: torch.device) -> torch.Tensor:
-    """RoPE position ids (0, row, column) of an h x w patch grid -> (B, h * w, 3)."""
+def image_ids(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """RoPE position ids (0, row, column) of an h x w patch grid -> (h * w, 3), shared by the batch."""
     ids = torch.zeros(h, w, 3, device=device)
     ids[..., 1] = torch.arange(h, device=device)[:, None]
     ids[..., 2] = torch.arange(w, device=device)[None, :]
-    return ids.reshape(1, h * w, 3).expand(b, -1, -1)
+    return ids.reshape(h * w, 3)
 
 
 class RectifiedFlow(Objective):
@@ -72,8 +72,8 @@ class RectifiedFlow(Objective):
         p = head.patch_size
         b, _, h, w = x_t.shape
         img = patchify(x_t, p)  # (B, Li, C p^2)
-        txt_ids = torch.zeros(b, cond.shape[1], 3, device=x_t.device)  # (B, L, 3)
-        out = head(img, image_ids(b, h // p, w // p, x_t.device), cond, txt_ids, t)  # (B, Li, C p^2)
+        txt_ids = torch.zeros(cond.shape[1], 3, device=x_t.device)  # (L, 3)
+        out = head(img, image_ids(h // p, w // p, x_t.device), cond, txt_ids, t)  # (B, Li, C p^2)
         return unpatchify(out, p, h // p, w // p)
 
     def loss(self, head, target, cond, draws):
