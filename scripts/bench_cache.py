@@ -10,28 +10,13 @@ prints every run's median s/it, the median over runs of each, and their ratio (t
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 
-import torch
 
-from genhancer.bench import append_json, bench, preset_base
+from genhancer.bench import append_json, bench, machine, preset_base
 from genhancer.config import load_config
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{model}; {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads; torch "
-            f"{torch.__version__}; load average {load} (1/5/15 min)")
 
 
 def main() -> None:

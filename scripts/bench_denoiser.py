@@ -24,31 +24,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import statistics
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from genhancer.bench import machine
 from genhancer.denoisers import DENOISERS
 from genhancer.denoisers.flux import Flux
 from genhancer.denoisers.flux_diffusers import diffusers_call, diffusers_config, to_diffusers
 
 MiB = 2**20
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}"
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch thread(s); "
-            f"torch {torch.__version__}")
 
 
 def load() -> str:
@@ -185,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine(device)}; {load()}")
+    print(f"machine: {machine(device.type == 'cuda')}")
     parameter_counts()
     head_dim = args.hidden // args.heads
     small = dataclasses.replace(DENOISERS["flux-small"].arch, hidden=args.hidden, heads=args.heads,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,22 +22,11 @@ import time
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel
 
+from genhancer.bench import machine
 from genhancer.evaluation import mmvp
 from genhancer.evaluation.models import load_model
 from genhancer.miniworld.base import shipped_base
 from genhancer.miniworld.benchmark import write_mmvp
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} logical cores, load average {load:.1f}; torch {torch.__version__} with "
-            f"{torch.get_num_threads()} thread(s); {platform.system()} {platform.release()}")  # fmt: skip
 
 
 def random_tiny_clip(out: str) -> str:

@@ -103,7 +103,6 @@ def test_loss_gradients_reach_condition():
 
 
 def test_draws_deterministic_by_generator():
-    head = _head()
     a = OBJ.draw(8, (5, 6), torch.Generator().manual_seed(3))["mask"]
     b = OBJ.draw(8, (5, 6), torch.Generator().manual_seed(3))["mask"]
     c = OBJ.draw(8, (5, 6), torch.Generator().manual_seed(4))["mask"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -350,11 +351,23 @@ def gpu_bf16_peak() -> float | None:
     return next((peak for key, peak in GPU_BF16_PEAK if key in name), None)
 
 
-def machine(cuda: bool) -> str:
-    cpu = f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine(cuda: bool = False) -> str:
+    """What a measurement ran on: the GPU, the CPU and its load, torch's threads and version (every bench prints it)."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+    cpu = (f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, load average {load} (1/5/15 min); "
+           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     if cuda:
         memory = torch.cuda.get_device_properties(0).total_memory / 2**30
-        return f"{torch.cuda.get_device_name()} ({memory:.0f} GiB), {cpu}"
+        return f"{torch.cuda.get_device_name()} ({memory:.0f} GiB); {cpu}"
     return cpu
 
 
