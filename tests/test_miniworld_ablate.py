@@ -80,3 +80,18 @@ def test_unknown_variant_is_rejected_with_the_choices(tmp_path):
     with pytest.raises(ConfigError, match="unknown variant 'LoRa' of study 'finetune': choose among 'LoRA', 'full'"):
         ablate("finetune", out=tmp_path, variants=("LoRa",))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_fast_study_runs_end_to_end_with_the_demos_protocol(tmp_path):
+    """One variant of the discrete study (its own VQ tokenizer, stage 1 from the encoder cache, stage 2, export,
+    scoring): a base row and one row per seed, a table and a plot; the cache is removed after stage 1."""
+    import json
+
+    out = ablate("denoiser", seeds=1, out=tmp_path, fast=True, variants=("discrete (perceiver-tiny)",))
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == [BASE, "discrete (perceiver-tiny)"]
+    assert all(set(METRICS) <= set(r) for r in rows) and rows[1]["step"] == 2
+    assert "| discrete (perceiver-tiny) |" in (out / "table.md").read_text() and (out / "plot.png").is_file()
+    run = out / "runs" / "discrete_(perceiver-tiny)-seed0"
+    assert (run / "stage1").is_dir() and not (run / "cache").exists()
+    assert "source: cache" in (run / "stage1" / "config.yaml").read_text()
