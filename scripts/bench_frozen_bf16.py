@@ -24,6 +24,7 @@ from genhancer.bench import bench, preset_base
 from genhancer.config import load_config
 from genhancer.data import SyntheticImages
 from genhancer.enhancer import apply_stage, build_enhancer
+from genhancer.hostmem import keep_freed_memory
 
 
 def errors(cfg, n: int = 64) -> dict[str, float]:
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    keep_freed_memory()  # as the CLI runs (genhancer.hostmem; GENHANCER_KEEP_FREED_MEMORY=0: malloc defaults)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); load average "
           + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     medians = {"fp32": [], "frozen bf16": []}

@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
+from . import hostmem
 from .config import RunConfig, to_dict
 from .errors import ConfigError
 from .quiet import out_of_memory
@@ -364,7 +365,8 @@ def machine(cuda: bool = False) -> str:
     """What a measurement ran on: the GPU, the CPU and its load, torch's threads and version (every bench prints it)."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
     cpu = (f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, load average {load} (1/5/15 min); "
-           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); host memory: "
+           f"{'freed memory kept' if hostmem.kept else 'malloc defaults'}")
     if cuda:
         memory = torch.cuda.get_device_properties(0).total_memory / 2**30
         return f"{torch.cuda.get_device_name()} ({memory:.0f} GiB); {cpu}"

@@ -6,6 +6,7 @@ images through :func:`decode_image`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -58,7 +59,8 @@ def decode_image(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
             if width * height > max_pixels:
                 raise BadSample("too-large")
             img.load()
-            return _to_rgb(_exif_transpose(img))
+            _exif_transpose(img)
+            return _to_rgb(img)
     except BadSample:
         raise
     except Image.DecompressionBombError:
@@ -74,11 +76,11 @@ def decode_image(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
         raise BadSample("corrupt") from None
 
 
-def _exif_transpose(img: Image.Image) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # a damaged EXIF block should not cost an otherwise fine image: keep it as stored
-        return img
+def _exif_transpose(img: Image.Image) -> None:
+    """Apply the EXIF orientation in place (the image is ours, freshly decoded: no copy of it is made). A damaged
+    EXIF block should not cost an otherwise fine image: the image is then kept as stored."""
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(img, in_place=True)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -92,6 +94,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(white, rgba).convert("RGB")
     if img.mode == "F":  # floats of unknown range
         raise BadSample("unsupported-mode")
+    if img.mode == "RGB" and getattr(img, "n_frames", 1) == 1:
+        return img  # already what we want; convert would only copy it
     try:
         return img.convert("RGB")
     except ValueError:

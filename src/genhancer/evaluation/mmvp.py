@@ -17,8 +17,8 @@ The reference (MMVP's ``scripts/evaluate_vlm.py`` and its transformers port used
   is rounded (the reference prints raw floats); reports round to one decimal for display only.
 
 Batching changes only how often the towers run: every image and statement is embedded once, in batches (images
-decoded ahead of the model in a thread and normalised in torch to the processor's exact pixels, see
-:mod:`.pixels`; the statements tokenised in one call), and each pair's 2x2 ``logits_per_text`` is formed from those
+decoded and normalised to the processor's exact pixels in a thread ahead of the model, see :mod:`.pixels`; the
+statements then tokenised there in one call), and each pair's 2x2 ``logits_per_text`` is formed from those
 embeddings with the forward's own arithmetic (:meth:`EvalModel.logits_per_text`). Matrix products of other shapes round differently, so a batched probability
 can differ from the pair-by-pair one in its last bits (measured: <= 1e-6 on CPU in fp32, up to a 12-layer model).
 That decides a pick only for a probability at a hair's breadth from 0.5, so every statement whose probability is
@@ -43,7 +43,7 @@ from tqdm import tqdm
 from genhancer.errors import ConfigError
 from genhancer.evaluation import write_json
 from genhancer.evaluation.models import EvalModel, read_image
-from genhancer.evaluation.pixels import pixel_batches
+from genhancer.evaluation.pixels import pixel_batches, worker_thread
 
 PROMPT = "a photo of "
 CATEGORIES = (
@@ -153,7 +153,7 @@ def load_benchmark(root: str | Path) -> list[Pair]:
         raise ConfigError(
             f"{csv_path} has {len(rows)} question rows, an odd number: line {rows[-1][0]} has no partner row"
         )
-    pairs = []
+    pairs, type_folders = [], {}
     for first, second in zip(rows[::2], rows[1::2]):
         (line1, qid1, qtype, statement1), (line2, qid2, _, statement2) = first, second
         if qid1 % 2 != 1 or qid2 != qid1 + 1:
@@ -161,7 +161,8 @@ def load_benchmark(root: str | Path) -> list[Pair]:
                 f"{csv_path} lines {line1}-{line2}: a pair is an odd Question ID followed by the next even one, "
                 f"got {qid1} and {qid2}"
             )
-        images = tuple(image_folder / qtype / f"{qid}.jpg" for qid in (qid1, qid2))
+        folder = type_folders.setdefault(qtype, image_folder / qtype)
+        images = (folder / f"{qid1}.jpg", folder / f"{qid2}.jpg")
         pairs.append(Pair((line1, line2), (qid1, qid2), qtype, (statement1, statement2), images))
     if len(pairs) != NUM_PAIRS:
         raise ConfigError(
@@ -220,12 +221,12 @@ def evaluate(
     module docstring); ``recheck_band=0`` turns that off.
     """
     pairs = load_benchmark(root)
-    # image i is image i % 2 of pair i // 2; decoded ahead of the model in threads, normalised in torch per batch
-    load = lambda i: pairs[i // 2].read_image(i % 2)
-    image_embeds = torch.cat([model.embed_pixels(pixels) for pixels in
-                              pixel_batches(model.image_processor, load, 2 * len(pairs), batch_size)])
-    ids = model.tokenize([PROMPT + s for pair in pairs for s in pair.statements])  # all 270 statements at once
-    text_embeds = torch.cat([model.embed_ids(chunk) for chunk in ids.split(batch_size)])
+    load = lambda i: pairs[i // 2].read_image(i % 2)  # image i is image i % 2 of pair i // 2
+    with worker_thread() as worker:  # prepares the images ahead of the vision tower, then tokenises
+        batches = pixel_batches(model.image_processor, load, 2 * len(pairs), batch_size, worker)
+        ids = worker.submit(model.tokenize, [PROMPT + s for pair in pairs for s in pair.statements])  # all 270
+        image_embeds = torch.cat([model.embed_pixels(pixels) for pixels in batches])
+        text_embeds = torch.cat([model.embed_ids(chunk) for chunk in ids.result().split(batch_size)])
     # (P, 2 statements, D) x (P, 2 images, D) -> (P, 2, 2): each pair's logits_per_text
     logits = model.logits_per_text(text_embeds.view(len(pairs), 2, -1), image_embeds.view(len(pairs), 2, -1))
     probs = logits.softmax(dim=-1)[..., 0].cpu().numpy()

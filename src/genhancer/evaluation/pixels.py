@@ -2,10 +2,10 @@
 
 transformers' PIL image processor handles one image at a time in NumPy (float64 rescale, float32 normalise, per
 image checks and layout moves), which costs as much as the vision tower of a small CLIP. Here only the geometry
-stays per image (PIL's own resize, then a crop by slicing), done in a thread that decodes ahead of the model (PIL
-releases the GIL while it decodes). Rescaling and normalisation become one table look-up per pixel, per batch,
-in torch: a uint8 value has 256 possible results, each computed once with the processor's own arithmetic, so the
-tensors are bit-identical.
+stays per image (PIL's own resize, then a crop by slicing), and rescaling and normalisation become one table
+look-up per pixel, per batch: a uint8 value has 256 possible results, each computed once with the processor's own
+arithmetic, so the tensors are bit-identical. All of it runs in a thread ahead of the model (PIL releases the GIL
+while it decodes and resizes, NumPy while it looks up).
 
 Only the processors this reproduces take the fast path (:func:`plan`): resize to a shortest edge or to a fixed
 size, an optional centre crop that needs no padding, rescale and normalise. Anything else, and any image whose fast
@@ -14,9 +14,10 @@ pixels differ from the processor's on the first image of a run (checked every ru
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,28 +99,36 @@ def plan(processor) -> Plan | None:
                 std=tuple(processor.image_std) if normalize else None)
 
 
-def pixel_batches(processor, load: Callable[[int], Image.Image], count: int, batch_size: int,
-                  workers: int = 1) -> Iterator[torch.Tensor]:
-    """(N, 3, H, W) pixel values of images ``load(0..count-1)``, ``batch_size`` at a time, identical to
-    ``processor(images=...)``'s. Decoding and geometry run ahead of the caller in ``workers`` threads.
+@contextlib.contextmanager
+def worker_thread() -> Iterator[ThreadPoolExecutor]:
+    """One background thread for work ahead of the model. When the block exits early (an error in the caller or in
+    a task), the work still queued is cancelled instead of run; the task under way finishes first."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="genhancer-prepare")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
-    One worker by default: it overlaps decoding with the model, which is what a second core can give, and
-    ``images.decode_image`` sets a local warnings filter (``warnings.catch_warnings``), which is not safe to
-    enter from several threads at once."""
+
+def pixel_batches(processor, load: Callable[[int], Image.Image], count: int, batch_size: int,
+                  pool: Executor) -> Iterator[torch.Tensor]:
+    """(N, 3, H, W) pixel values of images ``load(0..count-1)``, ``batch_size`` at a time, identical to
+    ``processor(images=...)``'s.
+
+    Every batch (decoding, geometry, normalisation) is submitted to ``pool`` before this returns, so the pool works
+    ahead of the caller from now on, and the caller may queue more work behind it. One thread is what a second core
+    can give: the towers and PIL's Python parts share the GIL, and ``images.decode_image`` sets a local warnings
+    filter (``warnings.catch_warnings``), which is not safe to enter from several threads at once.
+    """
     p = plan(processor)
-    reference = lambda i: processor(images=[load(i)], return_tensors="pt")["pixel_values"]
     if p is not None and count:
+        image = load(0)
         try:
-            first = p.normalise(p.geometry(load(0))[None])
+            first = p.normalise(p.geometry(image)[None])
         except ValueError:
             first = None
-        if first is None or not torch.equal(first, reference(0)):
+        if first is None or not torch.equal(first, processor(images=[image], return_tensors="pt")["pixel_values"]):
             p = None  # a processor setting this module does not reproduce: the processor's own path
-    if p is None:
-        for start in range(0, count, batch_size):
-            yield processor(images=[load(i) for i in range(start, min(count, start + batch_size))],
-                            return_tensors="pt")["pixel_values"]
-        return
 
     def prepare(i: int):  # (H, W, 3) uint8, or the processor's (3, H, W) for an image the fast path cannot take
         image = load(i)
@@ -128,11 +137,13 @@ def pixel_batches(processor, load: Callable[[int], Image.Image], count: int, bat
         except ValueError:
             return processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
-    with ThreadPoolExecutor(workers) as pool:
-        prepared = pool.map(prepare, range(count))  # in order, decoded ahead of the model
-        for start in range(0, count, batch_size):
-            items = [next(prepared) for _ in range(start, min(count, start + batch_size))]
-            if all(isinstance(x, np.ndarray) for x in items):
-                yield p.normalise(np.stack(items))
-            else:
-                yield torch.cat([p.normalise(x[None]) if isinstance(x, np.ndarray) else x[None] for x in items])
+    def batch(start: int, stop: int) -> torch.Tensor:
+        if p is None:
+            return processor(images=[load(i) for i in range(start, stop)], return_tensors="pt")["pixel_values"]
+        items = [prepare(i) for i in range(start, stop)]
+        if all(isinstance(x, np.ndarray) for x in items):
+            return p.normalise(np.stack(items))
+        return torch.cat([p.normalise(x[None]) if isinstance(x, np.ndarray) else x[None] for x in items])
+
+    futures = [pool.submit(batch, start, min(count, start + batch_size)) for start in range(0, count, batch_size)]
+    return (future.result() for future in futures)
