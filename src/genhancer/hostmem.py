@@ -5,7 +5,7 @@ glibc's malloc serves every block above its mmap threshold (128 KiB, rising with
 free there. A training step allocates and frees the same tensors every step, so by default it pays, every step, a
 page fault per 4 KiB of them and the kernel's zeroing of those pages. Measured on this project's 2-core CPU (one
 thread; docs/performance.md, ``scripts/bench_hostmem.py``): the tiny preset's stage-1 step from images spent a
-seventh of its time in the kernel, and the paper-width denoiser's bf16 training step a third.
+seventh of its time in the kernel, and the paper-width denoiser's bf16 training step over 40%.
 
 :func:`keep_freed_memory` sets both thresholds to their maximum, so blocks come from the heap and freed memory
 stays there for reuse, as jemalloc or tcmalloc would keep it (PyTorch's CPU tuning guide recommends preloading one
