@@ -44,21 +44,73 @@ class PlainBackend(Backend):
 
 @torch.no_grad()
 def adamw_update_is_finite(opt: torch.optim.Optimizer) -> bool:
-    """Whether AdamW's next step leaves every parameter finite, worked out aside, one parameter at a time, without
-    changing anything. A finite gradient can still give a non-finite update (``optim.eps=0`` with a zero second
-    moment is 0/0; a huge lr overflows), and once applied it could only be undone from a copy of the weights and
-    both moments, three times the trainable parameters in memory. Same formulas as torch's AdamW (the rounding
-    differs, which can only matter within a factor of 2 of the float range)."""
-    finite = []
+    """Whether AdamW's next step leaves every parameter finite, without changing anything. A finite gradient can
+    still give a non-finite update (``optim.eps=0`` with a zero second moment is 0/0; a huge lr overflows), and once
+    applied it could only be undone from a copy of the weights and both moments, three times the trainable
+    parameters in memory. Each parameter group is first cleared by a bound (:func:`update_bound_holds`: three
+    max-abs reductions); only a group the bound cannot clear has its update worked out aside (:func:`exact_check`).
+    """
     for group in opt.param_groups:
-        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state, g = opt.state.get(p, {}), p.grad.float()
-            n = float(state["step"]) + 1 if "step" in state else 1.0
-            m = state["exp_avg"] * beta1 + g * (1 - beta1) if state else g * (1 - beta1)
-            v = state["exp_avg_sq"] * beta2 + g * g * (1 - beta2) if state else g * g * (1 - beta2)
-            step = (lr / (1 - beta1 ** n)) * m / (v.sqrt() / math.sqrt(1 - beta2 ** n) + eps)
-            finite.append(torch.isfinite(p * (1 - lr * decay) - step).all())
-    return bool(torch.stack(finite).all()) if finite else True
+        params = [p for p in group["params"] if p.grad is not None]
+        if params and not update_bound_holds(group, params, opt.state) and not exact_check(group, params, opt.state):
+            return False
+    return True
+
+
+def update_bound_holds(group: dict, params: list[torch.Tensor], state: dict) -> bool:
+    """A sufficient condition for AdamW's update of ``params`` to be finite, from max |p|, |g| and |m| alone.
+
+    With eps > 0 and betas in [0, 1), the denominator sqrt(v_hat) + eps is at least eps, so every element of the
+    update is at most ``lr / (1 - beta1^n) * (beta1 |m| + (1 - beta1) |g|) / eps`` in size, whatever the second
+    moment (v >= 0 and finite: it is a running mean of squares of the finite gradients this check let through, and
+    a v that overflows to inf only makes the update 0). The bound holds when that quotient, the new parameter and
+    the scalars AdamW multiplies by stay below half the float range (room for the rounding of the ops that compute
+    them; a scalar beyond the range makes torch raise instead of step). Measured on the miniworld's head (CPU, one
+    thread, profiled): the exact check cost 1.4x the optimizer step, this 0.4x.
+    """
+    lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if not (eps > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1 and math.isfinite(lr) and math.isfinite(decay)):
+        return False
+    moments = [state[p]["exp_avg"] for p in params if "exp_avg" in state.get(p, {})]
+    if len(moments) not in (0, len(params)):
+        return False  # some parameters with state, some without: not worth a bound
+    p_max, g_max = max_abs([p.detach() for p in params]), max_abs([p.grad for p in params])
+    m_max = max_abs(moments) if moments else [0.0] * len(params)  # first step: no first moment yet
+    for p, pm, gm, mm in zip(params, p_max, g_max, m_max):
+        n = float(state[p]["step"]) + 1 if "step" in state.get(p, {}) else 1.0
+        limit = torch.finfo(p.dtype).max / 2
+        step_size, shrink = lr / (1 - beta1**n), abs(1 - lr * decay)  # scalars AdamW casts to the parameter's dtype
+        quotient = (beta1 * mm + (1 - beta1) * gm) / eps  # bounds |m_next| / denominator
+        new = pm * shrink + step_size * quotient
+        # |g|, |m| < max / 4 keeps AdamW's lerp (g - m) in range; comparisons are False for nan and inf
+        if not all(x < limit for x in (step_size, shrink, quotient, new, 2 * gm, 2 * mm)):
+            return False
+    return True
+
+
+def exact_check(group: dict, params: list[torch.Tensor], state: dict) -> bool:
+    """The update of ``params`` worked out aside, one parameter at a time, with torch AdamW's formulas (the rounding
+    differs, which can only matter within a factor of 2 of the float range): whether every new value is finite."""
+    lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    finite = []
+    for p in params:
+        st, g = state.get(p, {}), p.grad.float()
+        n = float(st["step"]) + 1 if "step" in st else 1.0
+        m = st["exp_avg"] * beta1 + g * (1 - beta1) if st else g * (1 - beta1)
+        v = st["exp_avg_sq"] * beta2 + g * g * (1 - beta2) if st else g * g * (1 - beta2)
+        step = (lr / (1 - beta1**n)) * m / (v.sqrt() / math.sqrt(1 - beta2**n) + eps)
+        finite.append(torch.isfinite(p * (1 - lr * decay) - step).all())
+    return bool(torch.stack(finite).all())  # one device sync for the group
+
+
+def max_abs(tensors: list[torch.Tensor]) -> list[float]:
+    """max |x| of each tensor (nan if it holds one), with one device sync: on GPU a fused multi-tensor kernel; on
+    CPU one min-and-max pass per tensor, which measured 3-10x faster there than the norm kernel."""
+    if tensors[0].device.type != "cpu":
+        values = torch._foreach_norm(tensors, math.inf)
+    else:
+        values = []
+        for x in tensors:
+            lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
+            values.append(torch.maximum(-lo, hi))
+    return torch.stack([v.double() for v in values]).tolist()
