@@ -18,6 +18,7 @@ from pathlib import Path
 from genhancer.bench import append_json, bench, machine, preset_base
 from genhancer.config import load_config
 from genhancer.hostmem import keep_freed_memory
+from genhancer.quiet import silence_third_party
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--json", help="append every run's record to this JSON-lines file")
     args = ap.parse_args()
     keep_freed_memory()  # as the CLI runs (genhancer.hostmem; GENHANCER_KEEP_FREED_MEMORY=0: malloc defaults)
+    silence_third_party()  # as the CLI does: no loading bars, no known-harmless library warnings
 
     print(f"machine: {machine()}")
     medians = {"images": [], "cache": []}

@@ -28,6 +28,7 @@ from genhancer.evaluation.models import load_model
 from genhancer.hostmem import keep_freed_memory
 from genhancer.miniworld.base import shipped_base
 from genhancer.miniworld.benchmark import write_mmvp
+from genhancer.quiet import silence_third_party
 
 
 def random_tiny_clip(out: str) -> str:
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI runs (genhancer.hostmem; GENHANCER_KEEP_FREED_MEMORY=0: malloc defaults)
+    silence_third_party()  # as the CLI does: no loading bars, no known-harmless library warnings
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         benchmark = args.benchmark or str(write_mmvp(os.path.join(tmp, "mmvp")))
