@@ -4,18 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from cli_runner import run_cli
 
 from genhancer.cli import main
-
-
-def run_cli(args, capsys):
-    """Exit code and the stderr lines of the error (the last line), asserting it is the only error line."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    lines = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) <= 1 and "Traceback" not in "\n".join(lines)
-    return code, errors or lines[-1:]
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -29,32 +20,32 @@ def run_cli(args, capsys):
 ])
 def test_train_errors(tiny_clip, overrides, tmp_path, capsys, extra, needle):
     out = tmp_path / "run"
-    code, err = run_cli(["train", *overrides(tiny_clip, out, **extra)], capsys)
+    code, _, err = run_cli(["train", *overrides(tiny_clip, out, **extra)], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not out.exists()
 
 
 def test_empty_dataset(tiny_clip, overrides, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code, err = run_cli(["train", *overrides(tiny_clip, tmp_path / "run", data__source="folder",
-                                             data__path=tmp_path / "empty")], capsys)
+    code, _, err = run_cli(["train", *overrides(tiny_clip, tmp_path / "run", data__source="folder",
+                                                data__path=tmp_path / "empty")], capsys)
     assert code == 2 and "no images found" in err[0] and not (tmp_path / "run").exists()
 
 
 def test_existing_run_needs_resume_and_export_needs_empty_folder(tiny_clip, overrides, tmp_path, capsys):
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
     assert main(["train", *overrides(tiny_clip, s1, steps=2)]) == 0
-    code, err = run_cli(["train", *overrides(tiny_clip, s1, steps=2)], capsys)
+    code, _, err = run_cli(["train", *overrides(tiny_clip, s1, steps=2)], capsys)
     assert code == 2 and "--resume" in err[0]
-    code, err = run_cli(["export", s1, tmp_path / "x"], capsys)
+    code, _, err = run_cli(["export", s1, tmp_path / "x"], capsys)
     assert code == 2 and "stage-1 run leaves the encoder unchanged" in err[0] and not (tmp_path / "x").exists()
     assert main(["train", *overrides(tiny_clip, s2, stage="stage2", steps=2, stage__init_from=s1)]) == 0
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    code, err = run_cli(["export", s2, busy], capsys)
+    code, _, err = run_cli(["export", s2, busy], capsys)
     assert code == 2 and "not empty" in err[0] and [p.name for p in busy.iterdir()] == ["keep.txt"]
-    code, err = run_cli(["export", tmp_path / "nowhere", tmp_path / "y"], capsys)
+    code, _, err = run_cli(["export", tmp_path / "nowhere", tmp_path / "y"], capsys)
     assert code == 2 and "no usable checkpoint" in err[0]
 
 

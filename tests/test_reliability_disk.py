@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 
 from genhancer import trainer
 from genhancer.checkpoint import list_checkpoints, verify
@@ -64,13 +65,6 @@ def pages(path: Path) -> int:
     return math.ceil(path.stat().st_size / PAGE)
 
 
-def cli(args, capsys) -> tuple[int, str, list[str]]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, [line for line in err.splitlines() if line.startswith("error:")]
-
 
 def leftovers(run: Path) -> list[str]:
     """Temporary files and folders a failed write could leave."""
@@ -91,12 +85,12 @@ def test_a_real_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_clip, 
             "state.json": pages(first / "weights.safetensors") + pages(first / "optimizer.safetensors")}[fails_at]
     fill(disk, leave_pages=2 + room)
     resume = ["train", *overrides(tiny_clip, run, steps=2, train__save_every=1), "--resume"]
-    code, out, err = cli(resume, capsys)
+    code, out, err = run_cli(resume, capsys)
     assert code == 2 and err == [f"error: checkpoint of step 2 not written: the disk is full; the previous checkpoint "
                                  f"{first} is intact. Free space under train.output_dir and rerun with --resume"]
     assert list_checkpoints(run) == [first] and verify(first) is None and not leftovers(run)
     free(disk)
-    code, out, err = cli(resume, capsys)
+    code, out, err = run_cli(resume, capsys)
     assert code == 0 and f"resumed from {first} at step 1" in out
     assert [p.name for p in list_checkpoints(run)] == ["step-0000001", "step-0000002"]
 
@@ -108,7 +102,7 @@ def test_a_real_full_disk_at_the_first_metrics_row_leaves_nothing_behind(tiny_cl
     # a fresh run writes .lock and config.yaml (a page each), then the first row of metrics.jsonl
     fill(disk, leave_pages=2)
     run = disk / "run"
-    code, out, err = cli(["train", *overrides(tiny_clip, run, steps=2)], capsys)
+    code, out, err = run_cli(["train", *overrides(tiny_clip, run, steps=2)], capsys)
     assert code == 2 and err == [f"error: {run / 'metrics.jsonl'} (step 1) not written: the disk is full; no "
                                  "checkpoint was written yet. Free space under train.output_dir and start the run "
                                  "again"]
@@ -123,12 +117,12 @@ def test_a_real_full_disk_for_config_yaml_and_data_report_json(tiny_clip, overri
     report = (run / "data_report.json").read_text()
     fill(disk)
     # the same settings: config.yaml is not rewritten, the run is complete, and only the report is written again
-    code, _, err = cli([*args, "--resume"], capsys)
+    code, _, err = run_cli([*args, "--resume"], capsys)
     assert code == 2 and err == [f"error: {run / 'data_report.json'} not written: the disk is full; the last "
                                  f"checkpoint {first} is intact. Free space under train.output_dir and rerun with "
                                  "--resume"]
     assert (run / "data_report.json").read_text() == report and not leftovers(run)
-    code, _, err = cli(["train", *overrides(tiny_clip, run, steps=2, train__save_every=1), "--resume"], capsys)
+    code, _, err = run_cli(["train", *overrides(tiny_clip, run, steps=2, train__save_every=1), "--resume"], capsys)
     assert code == 2 and err[0].startswith(f"error: {run / 'config.yaml'} not written: the disk is full; the last "
                                            f"checkpoint {first} is intact.")
     assert json.loads((first / "state.json").read_text())["config"]["train"]["max_steps"] == 1
@@ -142,12 +136,12 @@ def test_a_real_full_disk_during_export_and_cache(tiny_clip, overrides, tmp_path
     run = tmp_path / "run"
     assert main(["train", *overrides(tiny_clip, run, stage="e2e", steps=1, train__save_every=1)]) == 0
     fill(disk)
-    code, _, err = cli(["export", run, disk / "export"], capsys)
+    code, _, err = run_cli(["export", run, disk / "export"], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: export to {disk / 'export'} not written: the "
                                                              "disk is full; its partial files are removed."), err
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
-    code, _, err = cli(["cache", "--out", disk / "cache", "--device", "cpu",
-                        *overrides(tiny_clip, tmp_path / "unused", steps=1)], capsys)
+    code, _, err = run_cli(["cache", "--out", disk / "cache", "--device", "cpu",
+                            *overrides(tiny_clip, tmp_path / "unused", steps=1)], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: cache {disk / 'cache'} not written: the disk "
                                                              "is full; its partial files are removed."), err
     assert list((disk / "cache").iterdir()) == []
@@ -169,7 +163,7 @@ def test_a_read_only_or_uncreatable_output_dir_is_refused_before_any_model(tiny_
     mount_tmpfs(ro, "size=1M,ro")
     try:
         refuses_before_any_model(monkeypatch)
-        code, _, err = cli(["train", *overrides(tiny_clip, ro / "run")], capsys)
+        code, _, err = run_cli(["train", *overrides(tiny_clip, ro / "run")], capsys)
         assert code == 2 and err == [f"error: train.output_dir '{ro / 'run'}' is not writable (the file system is "
                                      "read-only): choose a folder where this user can write"]
     finally:
@@ -178,7 +172,7 @@ def test_a_read_only_or_uncreatable_output_dir_is_refused_before_any_model(tiny_
     sealed.mkdir()
     subprocess.run(["chattr", "+i", str(sealed)], check=True)
     try:
-        code, _, err = cli(["train", *overrides(tiny_clip, sealed / "a" / "run")], capsys)
+        code, _, err = run_cli(["train", *overrides(tiny_clip, sealed / "a" / "run")], capsys)
         assert code == 2 and len(err) == 1 and f"'{sealed / 'a' / 'run'}' is not writable" in err[0], err
     finally:
         subprocess.run(["chattr", "-i", str(sealed)], check=True)
@@ -190,7 +184,7 @@ def test_an_immutable_checkpoint_folder_is_refused_before_any_model(tiny_clip, o
     subprocess.run(["chattr", "+i", str(run / "checkpoints")], check=True)
     try:
         refuses_before_any_model(monkeypatch)
-        code, _, err = cli(["train", *overrides(tiny_clip, run, steps=4), "--resume"], capsys)
+        code, _, err = run_cli(["train", *overrides(tiny_clip, run, steps=4), "--resume"], capsys)
         assert code == 2 and err == [f"error: train.output_dir '{run}' is not writable (operation not permitted, e.g. "
                                      "an immutable folder): choose a folder where this user can write"]
     finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -19,15 +20,6 @@ from genhancer.checkpoint import list_checkpoints, save_checkpoint, verify
 from genhancer.cli import main
 from genhancer.enhancer import Enhancer
 from genhancer.errors import CheckpointError
-
-
-def cli(args, capsys) -> tuple[int, str, list[str]]:
-    """Exit code, stdout, and the stderr lines that start with ``error:``."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, [line for line in err.splitlines() if line.startswith("error:")]
 
 
 def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -103,7 +95,7 @@ def test_resume_with_every_checkpoint_damaged_starts_over_and_says_so(tiny_clip,
     before = (run / "metrics.jsonl").read_text()
     (ckpt(run, 2) / "state.json").write_text("{")
     with pytest.warns(UserWarning, match="step-0000002: state.json missing or unreadable"):
-        code, out, err = cli([*args, "--resume"], capsys)
+        code, out, err = run_cli([*args, "--resume"], capsys)
     assert code == 0 and not err
     assert f"no usable checkpoint under {run / 'checkpoints'} (see the warnings above): starting from step 0" in out
     assert verify(ckpt(run, 2)) is None
@@ -116,7 +108,8 @@ def test_resume_with_another_batch_size_warns_that_it_is_not_exact(tiny_clip, ov
     run = tmp_path / "run"
     assert main(["train", *overrides(tiny_clip, run, steps=2, train__save_every=2)]) == 0
     with pytest.warns(UserWarning, match=r"resuming .*step-0000002 with train.batch_size 4 -> 2: the run continues"):
-        code, out, err = cli(["train", *overrides(tiny_clip, run, steps=3, train__batch_size=2), "--resume"], capsys)
+        code, out, err = run_cli(["train", *overrides(tiny_clip, run, steps=3, train__batch_size=2), "--resume"],
+                                 capsys)
     assert code == 0 and not err and "resumed from" in out
 
 
@@ -158,8 +151,8 @@ def test_non_finite_loss_or_gradient_skips_the_update_and_is_counted(tiny_clip, 
                                                                     monkeypatch):
     poison(monkeypatch, nan_loss={1}, inf_grad={3})  # steps 2 and 4 as logged (1-based)
     run = tmp_path / "run"
-    code, out, err = cli(["train", *overrides(tiny_clip, run, steps=5, train__save_every=1,
-                                              train__keep_last=10, optim__lr=1e-2)], capsys)
+    code, out, err = run_cli(["train", *overrides(tiny_clip, run, steps=5, train__save_every=1,
+                                                  train__keep_last=10, optim__lr=1e-2)], capsys)
     assert code == 0 and not err
     assert "step 2: non-finite loss, update skipped" in out and "step 4: non-finite gradient, update skipped" in out
     assert same(ckpt(run, 1), ckpt(run, 2)) and same(ckpt(run, 3), ckpt(run, 4))  # no update, Adam state too
@@ -176,8 +169,8 @@ def test_too_many_non_finite_steps_in_a_row_stop_naming_the_step_and_checkpoint(
                                                                                 capsys, monkeypatch):
     poison(monkeypatch, nan_loss=set(range(2, 100)))  # diverges from step 3 on
     run = tmp_path / "run"
-    code, out, err = cli(["train", *overrides(tiny_clip, run, steps=20, train__max_consecutive_nonfinite=2)],
-                         capsys)
+    code, out, err = run_cli(["train", *overrides(tiny_clip, run, steps=20, train__max_consecutive_nonfinite=2)],
+                             capsys)
     assert code == 1 and len(err) == 1, err
     good = ckpt(run, 4)  # written after two skipped steps: it holds the weights of step 2
     assert err[0].startswith(f"error: 3 non-finite steps in a row up to step 5: the run diverged; "
@@ -204,8 +197,8 @@ def image_folder(root: Path, good: int, empty: int = 0, junk: int = 0) -> Path:
 def test_run_over_bad_files_finishes_and_reports_skips_by_reason(tiny_clip, overrides, tmp_path, capsys):
     images = image_folder(tmp_path / "images", good=6, empty=1, junk=1)
     run = tmp_path / "run"
-    code, out, err = cli(["train", *overrides(tiny_clip, run, steps=2, data__source="folder", data__path=images)],
-                         capsys)  # 2 steps x 4 = exactly one epoch: every file seen once
+    code, out, err = run_cli(["train", *overrides(tiny_clip, run, steps=2, data__source="folder", data__path=images)],
+                             capsys)  # 2 steps x 4 = exactly one epoch: every file seen once
     assert code == 0 and not err
     assert "skipped 2 of 8 samples (25.0%): empty-file 1, not-an-image 1" in out
     report = json.loads((run / "data_report.json").read_text())
@@ -214,8 +207,8 @@ def test_run_over_bad_files_finishes_and_reports_skips_by_reason(tiny_clip, over
 
 def test_too_many_bad_files_stop_the_run_with_one_line(tiny_clip, overrides, tmp_path, capsys):
     images = image_folder(tmp_path / "images", good=20, empty=180)  # 200 samples: the check's minimum
-    code, out, err = cli(["train", *overrides(tiny_clip, tmp_path / "run", steps=5, data__source="folder",
-                                              data__path=images, train__batch_size=200)], capsys)
+    code, out, err = run_cli(["train", *overrides(tiny_clip, tmp_path / "run", steps=5, data__source="folder",
+                                                  data__path=images, train__batch_size=200)], capsys)
     assert code == 2 and len(err) == 1, err
     assert err[0] == ("error: skipped 180 of 200 samples (90.0%): empty-file 180, more than "
                       "data.max_skip_fraction=0.05: remove or repair the unreadable files, or raise "
@@ -228,7 +221,7 @@ def test_too_many_bad_files_stop_the_run_with_one_line(tiny_clip, overrides, tmp
 def test_output_dir_inside_a_file_is_refused_before_any_work(tiny_clip, overrides, tmp_path, capsys):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
-    code, _, err = cli(["train", *overrides(tiny_clip, blocker / "run")], capsys)
+    code, _, err = run_cli(["train", *overrides(tiny_clip, blocker / "run")], capsys)
     assert code == 2 and len(err) == 1 and "is a file" in err[0] and str(blocker) in err[0], err
 
 
@@ -239,7 +232,7 @@ def test_resume_with_other_model_settings_is_refused(tiny_clip, overrides, tmp_p
     """More tensors, other shapes, or other trainable parameters than the checkpoint holds: one line, exit 2."""
     run = tmp_path / "run"
     assert main(["train", *overrides(tiny_clip, run, steps=2, train__save_every=2)]) == 0
-    code, _, err = cli(["train", *overrides(tiny_clip, run, steps=4), change, "--resume"], capsys)
+    code, _, err = run_cli(["train", *overrides(tiny_clip, run, steps=4), change, "--resume"], capsys)
     assert code == 2 and len(err) == 1 and "step-0000002" in err[0] and "same" in err[0], err
     assert [p.name for p in list_checkpoints(run)] == ["step-0000002"]
 
@@ -257,8 +250,8 @@ def test_a_non_finite_update_is_skipped_and_only_finite_weights_are_saved(tiny_c
                                                                           settings, reason):
     """eps=0 makes AdamW divide 0 by 0 where a gradient is 0; lr=1e6 blows the weights up until the loss is NaN."""
     run = tmp_path / "run"
-    code, out, err = cli(["train", *overrides(tiny_clip, run, steps=20, train__save_every=1, train__keep_last=20,
-                                              train__max_consecutive_nonfinite=2, **settings)], capsys)
+    code, out, err = run_cli(["train", *overrides(tiny_clip, run, steps=20, train__save_every=1, train__keep_last=20,
+                                                  train__max_consecutive_nonfinite=2, **settings)], capsys)
     assert code == 1 and len(err) == 1, err
     named = Path(err[0].split("last good checkpoint: ")[1].split(". ")[0])
     assert verify(named) is None and finite(named)
@@ -293,15 +286,15 @@ def test_batches_without_a_readable_image_are_skipped_until_the_limit_stops_the_
         data = dict(data__source="webdataset", data__path=tar_shard(tmp_path / "shard.tar", 4))
         reason = "no-image"
     run = tmp_path / "run"
-    code, out, err = cli(["train", *overrides(tiny_clip, run, steps=5, train__save_every=10, **data)], capsys)
+    code, out, err = run_cli(["train", *overrides(tiny_clip, run, steps=5, train__save_every=10, **data)], capsys)
     # the first 0.05 x 200 = 10 bad samples are allowed before the share is judged: step 3 passes that
     assert code == 2 and err == [f"error: skipped 12 of 12 samples (100.0%): {reason} 12, more than "
                                  "data.max_skip_fraction=0.05: remove or repair the unreadable files, or raise "
                                  "data.max_skip_fraction"]
     assert "step 1: no readable image in its batch, update skipped" in out
     assert not run.exists()  # no checkpoint yet: the run leaves no config.yaml or empty metrics.jsonl behind
-    code, out, err = cli(["train", *overrides(tiny_clip, run, steps=2, data__max_skip_fraction=1,
-                                              train__save_every=1, **data)], capsys)
+    code, out, err = run_cli(["train", *overrides(tiny_clip, run, steps=2, data__max_skip_fraction=1,
+                                                  train__save_every=1, **data)], capsys)
     assert code == 0 and not err
     report = json.loads((run / "data_report.json").read_text())
     assert (report["skipped"], report["empty_steps"], report["nonfinite_steps"]) == (8, 2, 0)
@@ -322,9 +315,10 @@ def test_nine_bad_files_of_ten_train_on_the_good_one_and_resume_bit_exactly(tiny
                                     data__max_skip_fraction=1, train__keep_last=10)]
 
     whole, split = tmp_path / "whole", tmp_path / "split"
-    code, out, _ = cli(args(whole, steps), capsys)
+    code, out, _ = run_cli(args(whole, steps), capsys)
     assert code == 0 and f"skipped {images / 'empty-000.jpg'} (empty-file)" in out
-    assert cli(args(split, steps - 1), capsys)[0] == 0 and cli([*args(split, steps), "--resume"], capsys)[0] == 0
+    assert run_cli(args(split, steps - 1), capsys)[0] == 0
+    assert run_cli([*args(split, steps), "--resume"], capsys)[0] == 0
     assert same(ckpt(whole, steps), ckpt(split, steps))
     losses = [json.loads(line)["loss"] for line in (whole / "metrics.jsonl").read_text().splitlines()]
     report = json.loads((whole / "data_report.json").read_text())
@@ -337,8 +331,8 @@ def test_nine_bad_files_of_ten_train_on_the_good_one_and_resume_bit_exactly(tiny
 
 def test_max_skip_fraction_0_stops_at_the_first_bad_sample(tiny_clip, overrides, tmp_path, capsys):
     images = image_folder(tmp_path / "images", good=7, empty=1)
-    code, out, err = cli(["train", *overrides(tiny_clip, tmp_path / "run", steps=2, data__source="folder",
-                                              data__path=images, data__max_skip_fraction=0)], capsys)
+    code, out, err = run_cli(["train", *overrides(tiny_clip, tmp_path / "run", steps=2, data__source="folder",
+                                                  data__path=images, data__max_skip_fraction=0)], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: skipped 1 of 4 samples (25.0%): empty-file 1, "
                                                              "more than data.max_skip_fraction=0.0"), err
     assert f"skipped {images / 'empty-000.jpg'} (empty-file)" in out
@@ -349,7 +343,7 @@ def test_resume_into_a_folder_without_a_run_is_refused(tiny_clip, overrides, tmp
     run = tmp_path / "typo"
     if where == "empty":
         run.mkdir()
-    code, _, err = cli(["train", *overrides(tiny_clip, run), "--resume"], capsys)
+    code, _, err = run_cli(["train", *overrides(tiny_clip, run), "--resume"], capsys)
     assert code == 2 and err == [f"error: nothing to resume in {run}: check train.output_dir, or drop --resume to "
                                  "start a new run"]
     assert run.exists() == (where == "empty") and (where == "missing" or not any(run.iterdir()))
@@ -363,8 +357,8 @@ def test_resume_names_a_changed_setting_and_thread_count(tiny_clip, overrides, t
         with pytest.warns(UserWarning, match=rf"resuming .*step-0000002 with optim.lr 0.0001 -> 0.001, CPU threads "
                                              rf"{threads} -> {threads + 1} .*: the run continues, but it no longer "
                                              "matches an uninterrupted run"):
-            code, _, err = cli(["train", *overrides(tiny_clip, run, steps=3, optim__lr=1e-3), "--resume",
-                                "--threads", str(threads + 1)], capsys)
+            code, _, err = run_cli(["train", *overrides(tiny_clip, run, steps=3, optim__lr=1e-3), "--resume",
+                                    "--threads", str(threads + 1)], capsys)
     finally:
         torch.set_num_threads(threads)
     assert code == 0 and not err
@@ -385,7 +379,7 @@ def test_impossible_settings_are_one_line_before_any_model_and_leave_no_files(ti
 
     monkeypatch.setattr(trainer, "_build", no_model)  # the shape check builds on the meta device only
     run = tmp_path / "run"
-    code, _, err = cli(["train", *overrides(tiny_clip, run), setting], capsys)
+    code, _, err = run_cli(["train", *overrides(tiny_clip, run), setting], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
     assert not run.exists()
 
@@ -396,8 +390,8 @@ def test_a_wrong_data_path_is_refused_before_any_model_is_built(tiny_clip, overr
 
     monkeypatch.setattr(trainer, "_build", no_model)
     for source in ("folder", "webdataset"):
-        code, _, err = cli(["train", *overrides(tiny_clip, tmp_path / "run", data__source=source,
-                                                data__path=tmp_path / "nowhere")], capsys)
+        code, _, err = run_cli(["train", *overrides(tiny_clip, tmp_path / "run", data__source=source,
+                                                    data__path=tmp_path / "nowhere")], capsys)
         assert code == 2 and len(err) == 1 and str(tmp_path / "nowhere") in err[0], err
 
 
@@ -410,13 +404,13 @@ def test_stage2_refuses_a_damaged_newest_stage1_checkpoint_and_another_backbone(
     stage2 = ["train", *overrides(tiny_clip, tmp_path / "stage2", stage="stage2", steps=1),
               f"stage.init_from={stage1}"]
     other = save_tiny_clip(tmp_path / "other-clip", seed=1, image_size=32)
-    code, _, err = cli([*stage2, f"model.backbone={other}"], capsys)
+    code, _, err = run_cli([*stage2, f"model.backbone={other}"], capsys)
     assert code == 2 and err == [f"error: stage.init_from was trained on another backbone (model.backbone={tiny_clip}, "
                                  "model.weights=None): use the stage-1 run's backbone and weights"]
     (ckpt(stage1, 2) / "weights.safetensors").write_bytes(b"torn")
-    code, _, err = cli(stage2, capsys)
+    code, _, err = run_cli(stage2, capsys)
     assert code == 2 and err == [f"error: the newest checkpoint {ckpt(stage1, 2)} is unusable: weights.safetensors "
                                  "truncated; pass an older checkpoint folder explicitly to use it, or rerun the "
                                  "stage-1 run with --resume"]
-    code, _, err = cli([*stage2[:-1], f"stage.init_from={ckpt(stage1, 1)}"], capsys)
+    code, _, err = run_cli([*stage2[:-1], f"stage.init_from={ckpt(stage1, 1)}"], capsys)
     assert code == 0 and not err
