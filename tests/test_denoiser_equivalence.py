@@ -138,3 +138,19 @@ def test_linear_blocks_equal_the_split_linear_with_gradients():
     (linear(x) * weights).sum().backward()
     for got, expected in zip(grads, (x.grad, linear.weight.grad, linear.bias.grad)):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("per_position", [False, True], ids=["one scale", "a scale per position"])
+def test_forward_only_attention_under_bf16_equals_the_training_path(per_position):
+    """Without gradients under autocast, q and k are normalised one after the other (half the float32 buffer):
+    the same values, bit for bit, as the training path's one pass over both."""
+    g = torch.Generator().manual_seed(0)
+    B, L, H, Dh = 2, 10, 4, 16
+    qk, v = torch.randn(B, L, 2, H, Dh, generator=g).bfloat16(), torch.randn(B, L, H, Dh, generator=g).bfloat16()
+    scale = torch.rand(*((L,) if per_position else ()), 2, 1, Dh, generator=g) + 0.5
+    ids = torch.stack([torch.zeros(L), torch.arange(L), torch.arange(L)], dim=-1)
+    table = layers.rope_table(ids, (4, 6, 6), 10_000).view(L, 1, 1, Dh // 2)
+    with torch.no_grad():
+        forward_only = layers.attention(qk, v, scale, table)
+    training = layers.attention(qk, v, scale, table)  # grad mode on: NormRope
+    assert forward_only.dtype == training.dtype == torch.bfloat16 and torch.equal(forward_only, training)

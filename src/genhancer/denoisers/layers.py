@@ -37,6 +37,12 @@ def apply_rope_(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def inverse_rms(qk: torch.Tensor) -> torch.Tensor:
+    """(..., Dh) -> (..., 1) float32: 1 / sqrt(mean(x^2) + 1e-6), from one norm reduction (no squared copy)."""
+    ms = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=torch.float32).square() / qk.shape[-1]
+    return torch.rsqrt(ms + 1e-6)
+
+
 class NormRope(torch.autograd.Function):
     """RMS norm with learned scales, then RoPE, of q and k together: (B, L, 2, H, Dh) -> float32, same shape.
 
@@ -48,8 +54,7 @@ class NormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qk, scale, table):
         """qk: (B, L, 2, H, Dh); scale: (2, 1, Dh) or (L, 2, 1, Dh); table: (L, 1, 1, Dh/2) complex."""
-        ms = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=torch.float32).square() / qk.shape[-1]
-        inv_rms = torch.rsqrt(ms + 1e-6)  # (B, L, 2, H, 1); one norm reduction, no squared copy
+        inv_rms = inverse_rms(qk)  # (B, L, 2, H, 1)
         ctx.save_for_backward(qk, inv_rms, scale, table)
         return apply_rope_((qk * inv_rms).mul_(scale), table)  # in place: one float32 buffer
 
@@ -78,7 +83,14 @@ def attention(qk: torch.Tensor, v: torch.Tensor, qk_scale: torch.Tensor, table: 
     dtype. The heads stay in (B, L, H, Dh) memory order: SDPA reads the (B, H, L, Dh) views by their strides and
     writes that order back, so no layout copy is made.
     """
-    qk = NormRope.apply(qk, qk_scale, table).to(v.dtype)  # the float32 buffer is released here under bf16
+    if torch.is_grad_enabled() or v.dtype == torch.float32:
+        qk = NormRope.apply(qk, qk_scale, table).to(v.dtype)  # the float32 buffer is released here under bf16
+    else:  # forward only under autocast: q, then k, through a float32 buffer of half the size, into v's dtype
+        out = torch.empty(qk.shape, dtype=v.dtype, device=qk.device)  # (B, L, 2, H, Dh)
+        for j in range(2):
+            x, scale = qk.narrow(2, j, 1), qk_scale.narrow(-3, j, 1)  # (B, L, 1, H, Dh), (1 | L, 1, 1, Dh)
+            out.narrow(2, j, 1).copy_(apply_rope_((x * inverse_rms(x)).mul_(scale), table))
+        qk = out
     q, k = (x.transpose(1, 2) for x in qk.unbind(2))  # 2 x (B, H, L, Dh), views; their gradient stacks contiguous
     out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))  # (B, H, L, Dh)
     return out.transpose(1, 2).flatten(2)  # (B, L, H * Dh)
