@@ -11,7 +11,12 @@ from collections import Counter
 from importlib import resources
 from pathlib import Path
 
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from typing import TYPE_CHECKING
+
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+if TYPE_CHECKING:
+    from transformers import CLIPImageProcessor
 
 from genhancer.miniworld.scenes import vocabulary
 
@@ -113,6 +118,10 @@ def tiny_config(tokenizer: CLIPTokenizer, image_size: int = 64) -> CLIPConfig:
 
 
 def image_processor(image_size: int = 64) -> CLIPImageProcessor:
+    # imported here: in transformers 5 without torchvision the name resolves to the PIL processor with a warning,
+    # which the CLI and the scripts filter only once they run (genhancer.quiet), after this module's import
+    from transformers import CLIPImageProcessor
+
     return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
