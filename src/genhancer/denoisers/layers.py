@@ -80,17 +80,18 @@ def attention(qk: torch.Tensor, v: torch.Tensor, qk_scale: torch.Tensor, table: 
     (2, 1, Dh) or per position (L, 2, 1, Dh); table: RoPE rotations (L, 1, 1, Dh/2) -> (B, L, H * Dh).
 
     q and k are normalised, scaled and rotated together in float32 (:class:`NormRope`), then cast back to v's
-    dtype. The heads stay in (B, L, H, Dh) memory order: SDPA reads the (B, H, L, Dh) views by their strides and
-    writes that order back, so no layout copy is made.
+    dtype; forward only under autocast, one after the other, so that the float32 buffer is half the size and never
+    alive beside a bf16 copy of both (the same values). The heads stay in (B, L, H, Dh) memory order: SDPA reads
+    the (B, H, L, Dh) views by their strides and writes that order back, so no layout copy is made.
     """
     if torch.is_grad_enabled() or v.dtype == torch.float32:
         qk = NormRope.apply(qk, qk_scale, table).to(v.dtype)  # the float32 buffer is released here under bf16
-    else:  # forward only under autocast: q, then k, through a float32 buffer of half the size, into v's dtype
-        out = torch.empty(qk.shape, dtype=v.dtype, device=qk.device)  # (B, L, 2, H, Dh)
-        for j in range(2):
+    else:
+        normed = torch.empty(qk.shape, dtype=v.dtype, device=qk.device)  # (B, L, 2, H, Dh)
+        for j in range(2):  # q, then k
             x, scale = qk.narrow(2, j, 1), qk_scale.narrow(-3, j, 1)  # (B, L, 1, H, Dh), (1 | L, 1, 1, Dh)
-            out.narrow(2, j, 1).copy_(apply_rope_((x * inverse_rms(x)).mul_(scale), table))
-        qk = out
+            normed.narrow(2, j, 1).copy_(apply_rope_((x * inverse_rms(x)).mul_(scale), table))
+        qk = normed
     q, k = (x.transpose(1, 2) for x in qk.unbind(2))  # 2 x (B, H, L, Dh), views; their gradient stacks contiguous
     out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))  # (B, H, L, Dh)
     return out.transpose(1, 2).flatten(2)  # (B, L, H * Dh)
