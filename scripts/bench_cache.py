@@ -17,7 +17,7 @@ from pathlib import Path
 
 from genhancer.bench import append_json, bench, machine, preset_base
 from genhancer.config import load_config
-from genhancer.hostmem import keep_freed_memory
+from genhancer.hostmem import keep_freed_memory_without_gpu
 from genhancer.quiet import silence_third_party
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="append every run's record to this JSON-lines file")
     args = ap.parse_args()
-    keep_freed_memory()  # as the CLI runs (genhancer.hostmem; GENHANCER_KEEP_FREED_MEMORY=0: malloc defaults)
+    keep_freed_memory_without_gpu()  # as the CLI runs (genhancer.hostmem)
     silence_third_party()  # as the CLI does: no loading bars, no known-harmless library warnings
 
     print(f"machine: {machine()}")

@@ -34,7 +34,7 @@ from genhancer.bench import machine
 from genhancer.denoisers import DENOISERS
 from genhancer.denoisers.flux import Flux
 from genhancer.denoisers.flux_diffusers import diffusers_call, diffusers_config, to_diffusers
-from genhancer.hostmem import keep_freed_memory
+from genhancer.hostmem import keep_freed_memory_without_gpu
 from genhancer.quiet import silence_third_party
 
 MiB = 2**20
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--paper", action=argparse.BooleanOptionalAction, default=None,
                         help="also the paper preset (hidden 3072), batch 2 and 16, 196 tokens, bf16 (default: on CUDA)")
     args = parser.parse_args()
-    keep_freed_memory()  # as the CLI runs (genhancer.hostmem; GENHANCER_KEEP_FREED_MEMORY=0: malloc defaults)
+    keep_freed_memory_without_gpu()  # as the CLI runs (genhancer.hostmem)
     silence_third_party()  # as the CLI does: no loading bars, no known-harmless library warnings
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)

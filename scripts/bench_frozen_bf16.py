@@ -24,7 +24,7 @@ from genhancer.bench import bench, preset_base
 from genhancer.config import load_config
 from genhancer.data import SyntheticImages
 from genhancer.enhancer import apply_stage, build_enhancer
-from genhancer.hostmem import keep_freed_memory
+from genhancer.hostmem import keep_freed_memory_without_gpu
 from genhancer.quiet import silence_third_party
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    keep_freed_memory()  # as the CLI runs (genhancer.hostmem; GENHANCER_KEEP_FREED_MEMORY=0: malloc defaults)
+    keep_freed_memory_without_gpu()  # as the CLI runs (genhancer.hostmem)
     silence_third_party()  # as the CLI does: no loading bars, no known-harmless library warnings
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); load average "
           + " ".join(f"{x:.1f}" for x in os.getloadavg()))

@@ -25,7 +25,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPMode
 from genhancer.bench import machine
 from genhancer.evaluation import mmvp
 from genhancer.evaluation.models import load_model
-from genhancer.hostmem import keep_freed_memory
+from genhancer.hostmem import keep_freed_memory_without_gpu
 from genhancer.miniworld.base import shipped_base
 from genhancer.miniworld.benchmark import write_mmvp
 from genhancer.quiet import silence_third_party
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
-    keep_freed_memory()  # as the CLI runs (genhancer.hostmem; GENHANCER_KEEP_FREED_MEMORY=0: malloc defaults)
+    keep_freed_memory_without_gpu()  # as the CLI runs (genhancer.hostmem)
     silence_third_party()  # as the CLI does: no loading bars, no known-harmless library warnings
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,8 +10,9 @@ seventh of its time in the kernel, and the paper-width denoiser's bf16 training 
 :func:`keep_freed_memory` sets both thresholds to their maximum, so blocks come from the heap and freed memory
 stays there for reuse, as jemalloc or tcmalloc would keep it (PyTorch's CPU tuning guide recommends preloading one
 of them for this reason). The cost: the process keeps its peak heap resident until it exits. Values computed are
-the same either way; only where the bytes come from changes. The CLI applies it at start;
-``GENHANCER_KEEP_FREED_MEMORY=0`` keeps glibc's defaults.
+the same either way; only where the bytes come from changes. The CLI applies it at start when no GPU is visible
+(a GPU run's step tensors live on the device, and its host would only keep memory it touched once, such as weights
+built on the CPU); ``GENHANCER_KEEP_FREED_MEMORY=0`` keeps glibc's defaults.
 """
 
 from __future__ import annotations
@@ -40,3 +41,11 @@ def keep_freed_memory() -> bool:
     global kept
     kept = mallopt(M_MMAP_THRESHOLD, LIMIT) == 1 and mallopt(M_TRIM_THRESHOLD, LIMIT) == 1
     return kept
+
+
+def keep_freed_memory_without_gpu() -> bool:
+    """:func:`keep_freed_memory` unless a GPU is visible to torch: the CLI's policy (and the benchmarks', to measure
+    what it runs). Returns whether freed memory is kept."""
+    import torch
+
+    return not torch.cuda.is_available() and keep_freed_memory()

@@ -141,10 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..hostmem import keep_freed_memory
+    from ..hostmem import keep_freed_memory_without_gpu
     from ..quiet import out_of_memory, silence_third_party
 
-    keep_freed_memory()  # CPU steps reuse freed memory instead of faulting fresh pages in (see hostmem.py)
+    keep_freed_memory_without_gpu()  # CPU steps reuse freed memory instead of faulting fresh pages in (hostmem.py)
     silence_third_party()
     try:
         args.func(args)
