@@ -1,5 +1,6 @@
 """The bound that clears AdamW's update without computing it is sound: whenever it says finite, torch's AdamW step
-gives finite parameters. And it clears the updates of ordinary training, so the costly check runs only off it."""
+gives finite parameters. It clears the updates of ordinary training, so the costly exact check runs only off it;
+and the exact check agrees with torch's step on the CPU."""
 
 import math
 
@@ -54,8 +55,7 @@ def test_the_bound_never_clears_an_update_that_is_not_finite(lr, betas, eps, dec
         finite = False
     if cleared:
         assert finite, "the bound cleared an update that made a parameter non-finite"
-    if not finite:
-        assert not says_finite
+    assert says_finite == finite  # the exact check rounds as torch's AdamW on the CPU, subnormals included
 
 
 def test_ordinary_training_is_cleared_by_the_bound():

@@ -89,17 +89,24 @@ def update_bound_holds(group: dict, params: list[torch.Tensor], state: dict) -> 
 
 
 def exact_check(group: dict, params: list[torch.Tensor], state: dict) -> bool:
-    """The update of ``params`` worked out aside, one parameter at a time, with torch AdamW's formulas (the rounding
-    differs, which can only matter within a factor of 2 of the float range): whether every new value is finite."""
+    """The update of ``params`` worked out aside, one parameter at a time, with the ops of torch's single-tensor
+    AdamW in its order (lerp, mul + addcmul, sqrt / bias correction + eps, addcdiv), so that on that path (the CPU
+    default) it rounds alike, down to the subnormals: whether every new value is finite. The foreach and fused
+    kernels (GPU) round differently in the last bits, which matters only at the edges of the float range."""
     lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     finite = []
     for p in params:
-        st, g = state.get(p, {}), p.grad.float()
+        st, g = state.get(p, {}), p.grad
         n = float(st["step"]) + 1 if "step" in st else 1.0
-        m = st["exp_avg"] * beta1 + g * (1 - beta1) if st else g * (1 - beta1)
-        v = st["exp_avg_sq"] * beta2 + g * g * (1 - beta2) if st else g * g * (1 - beta2)
-        step = (lr / (1 - beta1**n)) * m / (v.sqrt() / math.sqrt(1 - beta2**n) + eps)
-        finite.append(torch.isfinite(p * (1 - lr * decay) - step).all())
+        m = st["exp_avg"] if st else torch.zeros_like(p)
+        v = st["exp_avg_sq"] if st else torch.zeros_like(p)
+        m, v = m.lerp(g, 1 - beta1), v.mul(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / (1 - beta2**n) ** 0.5).add_(eps)
+        try:
+            new = p.detach().mul(1 - lr * decay).addcdiv_(m, denom, value=-(lr / (1 - beta1**n)))
+        except RuntimeError:  # a step size or decay factor beyond the parameter's dtype: AdamW would raise
+            return False
+        finite.append(torch.isfinite(new).all())
     return bool(torch.stack(finite).all())  # one device sync for the group
 
 
