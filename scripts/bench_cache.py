@@ -16,9 +16,8 @@ from pathlib import Path
 
 
 from genhancer.bench import append_json, bench, machine, preset_base
+from genhancer.cli import prepare_process
 from genhancer.config import load_config
-from genhancer.hostmem import keep_freed_memory_without_gpu
-from genhancer.quiet import silence_third_party
 
 
 def main() -> None:
@@ -29,8 +28,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="append every run's record to this JSON-lines file")
     args = ap.parse_args()
-    keep_freed_memory_without_gpu()  # as the CLI runs (genhancer.hostmem)
-    silence_third_party()  # as the CLI does: no loading bars, no known-harmless library warnings
+    prepare_process()  # as the CLI does: freed host memory kept without a GPU, third-party noise filtered
 
     print(f"machine: {machine()}")
     medians = {"images": [], "cache": []}

@@ -31,11 +31,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from genhancer.bench import machine
+from genhancer.cli import prepare_process
 from genhancer.denoisers import DENOISERS
 from genhancer.denoisers.flux import Flux
 from genhancer.denoisers.flux_diffusers import diffusers_call, diffusers_config, to_diffusers
-from genhancer.hostmem import keep_freed_memory_without_gpu
-from genhancer.quiet import silence_third_party
 
 MiB = 2**20
 
@@ -172,8 +171,7 @@ def main() -> None:
     parser.add_argument("--paper", action=argparse.BooleanOptionalAction, default=None,
                         help="also the paper preset (hidden 3072), batch 2 and 16, 196 tokens, bf16 (default: on CUDA)")
     args = parser.parse_args()
-    keep_freed_memory_without_gpu()  # as the CLI runs (genhancer.hostmem)
-    silence_third_party()  # as the CLI does: no loading bars, no known-harmless library warnings
+    prepare_process()  # as the CLI does: freed host memory kept without a GPU, third-party noise filtered
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     print(f"machine: {machine(device.type == 'cuda')}")

@@ -21,11 +21,10 @@ import numpy as np
 import torch
 
 from genhancer.bench import bench, preset_base
+from genhancer.cli import prepare_process
 from genhancer.config import load_config
 from genhancer.data import SyntheticImages
 from genhancer.enhancer import apply_stage, build_enhancer
-from genhancer.hostmem import keep_freed_memory_without_gpu
-from genhancer.quiet import silence_third_party
 
 
 def errors(cfg, n: int = 64) -> dict[str, float]:
@@ -52,8 +51,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    keep_freed_memory_without_gpu()  # as the CLI runs (genhancer.hostmem)
-    silence_third_party()  # as the CLI does: no loading bars, no known-harmless library warnings
+    prepare_process()  # as the CLI does: freed host memory kept without a GPU, third-party noise filtered
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); load average "
           + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     medians = {"fp32": [], "frozen bf16": []}

@@ -23,12 +23,11 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel
 
 from genhancer.bench import machine
+from genhancer.cli import prepare_process
 from genhancer.evaluation import mmvp
 from genhancer.evaluation.models import load_model
-from genhancer.hostmem import keep_freed_memory_without_gpu
 from genhancer.miniworld.base import shipped_base
 from genhancer.miniworld.benchmark import write_mmvp
-from genhancer.quiet import silence_third_party
 
 
 def random_tiny_clip(out: str) -> str:
@@ -97,8 +96,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
-    keep_freed_memory_without_gpu()  # as the CLI runs (genhancer.hostmem)
-    silence_third_party()  # as the CLI does: no loading bars, no known-harmless library warnings
+    prepare_process()  # as the CLI does: freed host memory kept without a GPU, third-party noise filtered
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         benchmark = args.benchmark or str(write_mmvp(os.path.join(tmp, "mmvp")))

@@ -139,13 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prepare_process() -> None:
+    """What every ``genhancer`` process sets up before its work (the benchmark scripts too, to measure what the CLI
+    runs): without a GPU, freed host memory kept for the next step instead of faulted in again (``hostmem.py``);
+    known third-party noise filtered (``quiet.py``)."""
+    from ..hostmem import keep_freed_memory_without_gpu
+    from ..quiet import silence_third_party
+
+    keep_freed_memory_without_gpu()
+    silence_third_party()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..hostmem import keep_freed_memory_without_gpu
-    from ..quiet import out_of_memory, silence_third_party
+    from ..quiet import out_of_memory
 
-    keep_freed_memory_without_gpu()  # CPU steps reuse freed memory instead of faulting fresh pages in (hostmem.py)
-    silence_third_party()
+    prepare_process()
     try:
         args.func(args)
     except (ConfigError, CheckpointError) as e:
