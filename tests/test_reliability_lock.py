@@ -7,15 +7,18 @@ the kernel has already released, so the ``--resume`` that follows goes ahead.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
+from cli_runner import run_cli
 
 from genhancer.checkpoint import latest_checkpoint, list_checkpoints, verify
 from genhancer.cli import main
@@ -92,3 +95,32 @@ def test_a_run_in_use_refuses_a_resume_and_a_kill_releases_the_lock(tiny_clip, o
     assert f"resumed from {last} at step {step}" in capsys.readouterr().out
     assert verify(run / "checkpoints" / f"step-{step + 1:07d}") is None
     assert (run / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_a_run_refused_before_the_holder_wrote_its_pid_waits_for_it(tiny_clip, overrides, tmp_path, capsys):
+    """The race of two runs started at once, made certain: the lock is taken, but its file still holds the PID of
+    a run that ended (then nothing) when the second run reads it. The holder's PID comes a moment later."""
+    run = tmp_path / "run"
+    run.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()  # a PID no process has now
+    (run / ".lock").write_text(f"{gone.pid}\n")
+    fd = os.open(run / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file description: it conflicts in this process
+
+    def take_it_like_a_run():
+        time.sleep(0.3)
+        os.ftruncate(fd, 0)
+        time.sleep(0.3)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    holder = threading.Thread(target=take_it_like_a_run)
+    holder.start()
+    try:
+        code, _, errs = run_cli(["train", *overrides(tiny_clip, run, steps=1)], capsys)
+    finally:
+        holder.join()
+        os.close(fd)
+    assert code == 2 and errs == [
+        f"error: train.output_dir '{run}' is in use by another run (PID {os.getpid()}): wait for it to end or stop "
+        "it, or choose another train.output_dir"]

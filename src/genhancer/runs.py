@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -95,13 +96,24 @@ class RunFolder:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = self._holder()
             os.close(self._fd)
             self._fd = None
             raise ConfigError(f"train.output_dir '{self.path}' is in use by another run (PID {holder}): wait for it "
                               "to end or stop it, or choose another train.output_dir") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _holder(self, patience: float = 2.0) -> str:
+        """The PID in the lock file of a run that holds it. The holder writes its PID just after it takes the lock,
+        so a run refused in that instant reads an empty file, or the PID of a run that ended before: read again,
+        for up to ``patience`` seconds, until the file names a live process."""
+        deadline = time.monotonic() + patience
+        while True:
+            text = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            if (text.isdigit() and _alive(int(text))) or time.monotonic() > deadline:
+                return text or "unknown"
+            time.sleep(0.01)
 
     def _release(self, remove: bool) -> None:
         """Unlock; with ``remove``, first delete what this run wrote into a folder that held no run. Only the
@@ -119,6 +131,19 @@ class RunFolder:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._release(remove=exc_type is not None)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this PID exists (another user's included)."""
+    if not 0 < pid < 2**31:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only the existence and permission checks
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_failed(what: str, run: Path, error: Exception) -> WriteError:
