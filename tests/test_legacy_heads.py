@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from float32 import assert_close
 from safetensors import safe_open
 
 from genhancer.config import ObjectiveConfig
@@ -32,6 +33,9 @@ class _VQStub:
     kind, codebook_size = "discrete", 16
 
 
+LEGACY = 5e-5  # relative: ten times what another CPU's kernels change here (float32.py), a sixteenth of a fault's
+
+
 def _loaded(tensors, prefix, head):
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     assert set(state) == set(head.state_dict())  # the checkpoint names ("head.<name>") are unchanged
@@ -51,11 +55,11 @@ def test_flow_head_matches_the_legacy_code(legacy):
     x, cond = t["flux.target"], t["flux.cond"]
     tb = draws["t"].view(-1, 1, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(flow.loss(head, x, cond, draws), t["flux.loss"], atol=1e-6, rtol=0)
+        assert_close(flow.loss(head, x, cond, draws), t["flux.loss"], "loss", LEGACY)
         v = flow.velocity(head, (1 - tb) * x + tb * draws["noise"], draws["t"], cond)
-    torch.testing.assert_close(v, t["flux.velocity"], atol=1e-6, rtol=0)
+    assert_close(v, t["flux.velocity"], "velocity", LEGACY)
     sample = flow.sample(head, cond, (3, 8, 8), torch.Generator().manual_seed(6), steps=3)
-    torch.testing.assert_close(sample, t["flux.sample"], atol=1e-6, rtol=0)
+    assert_close(sample, t["flux.sample"], "sample", LEGACY)
 
 
 def test_masked_head_matches_the_legacy_code(legacy):
@@ -69,9 +73,8 @@ def test_masked_head_matches_the_legacy_code(legacy):
     assert torch.equal(fixed, t["perceiver.mask_fixed"])
     tokens, cond = t["perceiver.target"], t["perceiver.cond"]
     with torch.no_grad():
-        torch.testing.assert_close(masked.loss(head, tokens, cond, {"mask": mask}), t["perceiver.loss"],
-                                   atol=1e-6, rtol=0)
-        torch.testing.assert_close(head(tokens, mask, cond), t["perceiver.logits"], atol=1e-6, rtol=0)
+        assert_close(masked.loss(head, tokens, cond, {"mask": mask}), t["perceiver.loss"], "loss", LEGACY)
+        assert_close(head(tokens, mask, cond), t["perceiver.logits"], "logits", LEGACY)
     sample = masked.sample(head, cond, (4, 4), torch.Generator().manual_seed(6), steps=3)
     assert torch.equal(sample, t["perceiver.sample"])
 
