@@ -1,7 +1,8 @@
 """Images from files: the one list of image extensions, the one robust decoder, and deterministic crops.
 
 Training data (``data.py``), VQ training (``vq.folder_images``), reconstruction previews and evaluation all read
-images through :func:`decode_image`.
+images through :func:`decode_image`. A plain JPEG (only tables, JFIF and comments before one 8-bit frame) goes
+straight to PIL's decoder, without PIL's header parser in Python; everything else through ``Image.open``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def decode_image(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
     """
     if not data:
         raise BadSample("empty-file")
+    plain = _plain_jpeg(data, max_pixels)
+    if plain is not None:
+        return _to_rgb(plain)
     try:
         # Local warning filter: PIL's DecompressionBombWarning / EXIF warnings must not leak into the run's log.
         with warnings.catch_warnings():
@@ -74,6 +78,58 @@ def decode_image(data: bytes, max_pixels: int = 89_478_485) -> Image.Image:
         raise BadSample("truncated" if "truncated" in str(e).lower() else "corrupt") from None
     except Exception:  # any decoder failure (SyntaxError, ValueError, struct.error, MemoryError, ...) on bad bytes
         raise BadSample("corrupt") from None
+
+
+# JPEG segments before the scan that PIL's parser only reads or skips: Huffman and quantisation tables, restart
+# interval, comment, APP0 (JFIF); and the frames it reads a size from: baseline, extended, progressive
+_PLAIN_SEGMENTS = {0xC4, 0xDB, 0xDD, 0xFE, 0xE0}
+_PLAIN_FRAMES = {0xC0, 0xC1, 0xC2}
+_LAYER_MODES = {1: "L", 3: "RGB"}
+
+
+def _plain_jpeg(data: bytes, max_pixels: int) -> Image.Image | None:
+    """A JPEG without anything for PIL's parser to act on, decoded by PIL's decoder directly; else None.
+
+    ``Image.open`` parses every segment of a JPEG's header in Python, only to hand the whole file to libjpeg with
+    a mode chosen from the number of components (a third of the time of a small image, all of it holding the GIL
+    that a model in another thread waits on). Here one pass over the segment lengths finds the frame, and
+    ``Image.frombytes`` runs the same decoder with the same arguments: the same pixels. Anything else returns None
+    and goes through ``Image.open``, which then decodes it or names what is wrong: an APP segment other than JFIF
+    (EXIF orientation, ICC, Adobe, MPO), CMYK or 12-bit frames, fill bytes, a JFIF segment too short for PIL, a
+    size over the limits, any decoder error (libjpeg checks the segments PIL's parser checks, and more).
+    """
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    pos, size, mode = 2, None, None
+    while True:
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            return None
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
+        end = pos + 2 + length
+        if length < 2 or end > len(data):
+            return None
+        if marker == 0xDA:  # start of scan: the header is over
+            break
+        body = data[pos + 4 : end]
+        if marker in _PLAIN_FRAMES:
+            mode = _LAYER_MODES.get(body[5]) if len(body) >= 6 else None
+            if size is not None or mode is None or body[0] != 8:  # libjpeg checks the length against the layers
+                return None
+            size = (int.from_bytes(body[3:5], "big"), int.from_bytes(body[1:3], "big"))  # (width, height)
+        elif marker not in _PLAIN_SEGMENTS:
+            return None
+        elif marker == 0xE0 and body[:4] == b"JFIF" and len(body) < 7:
+            return None  # PIL reads the JFIF version at bytes 5-6
+        pos = end
+    if size is None or not size[0] or not size[1]:
+        return None
+    pixels = size[0] * size[1]
+    if pixels > max_pixels or (Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS):
+        return None  # Image.open's and decode_image's checks say what is wrong
+    try:
+        return Image.frombytes(mode, size, data, "jpeg", mode, "")  # what Image.open's tile runs: (rawmode, "")
+    except Exception:  # truncated or damaged: Image.open names it
+        return None
 
 
 def _exif_transpose(img: Image.Image) -> None:

@@ -43,18 +43,20 @@ class Plan:
             w, h = image.size
             short, long = min(w, h), max(w, h)
             new_long = int(self.shortest_edge * long / short)
-            h, w = (self.shortest_edge, new_long) if h <= w else (new_long, self.shortest_edge)
-            image = image.resize((w, h), resample=self.resample)
-        elif self.size is not None:
-            image = image.resize(self.size[::-1], resample=self.resample)
-        pixels = np.array(image)  # a writable copy: torch.from_numpy of it is safe
+            size = (new_long, self.shortest_edge) if h <= w else (self.shortest_edge, new_long)  # (width, height)
+        else:
+            size = self.size[::-1] if self.size is not None else image.size
+        if size != image.size:  # PIL's resize to the image's own size is a copy: skipped, same pixels
+            image = image.resize(size, resample=self.resample)
+        w, h = image.size
+        pixels = np.frombuffer(image.tobytes(), np.uint8).reshape(h, w, 3)  # what np.array(image) does, minus a copy
         if self.crop is not None:
-            (h, w), (ch, cw) = pixels.shape[:2], self.crop
+            ch, cw = self.crop
             top, left = (h - ch) // 2, (w - cw) // 2
             if top < 0 or left < 0:
                 raise ValueError("image smaller than the crop: the processor would pad it")
             pixels = pixels[top : top + ch, left : left + cw]
-        return pixels
+        return pixels  # read-only: np.stack or the look-up copies it
 
     def normalise(self, batch: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 pixel values: one table look-up per pixel."""
