@@ -15,8 +15,13 @@ import torch
 RELATIVE = 5e-4
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||got - expected|| / ||expected||``, in float32."""
+    return ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30)).item()
+
+
 def assert_close(got: torch.Tensor, expected: torch.Tensor, what: str, relative: float = RELATIVE) -> None:
     """``||got - expected|| <= relative * ||expected||`` (same shape), or an error naming ``what``."""
     assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(expected.shape)}"
-    error = ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30)).item()
+    error = relative_error(got, expected)
     assert error <= relative, f"{what}: relative error {error:.2e} > {relative:.0e}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from float32 import assert_close
+from float32 import assert_close, relative_error
 from safetensors import safe_open
 
 from genhancer.config import ObjectiveConfig
@@ -55,7 +55,7 @@ def _check(t, key, got, precision):
         assert_close(got, expected, what)
         return
     fp32 = t[f"{family}.fp32.{what}"]
-    error = lambda x: ((x - fp32).norm() / fp32.norm()).item()
+    error = lambda x: relative_error(x, fp32)
     assert error(got) <= BF16_SLACK * error(expected) + 1e-3, f"{what}: {error(got):.4f} vs {error(expected):.4f}"
 
 
