@@ -35,6 +35,7 @@ from genhancer.cli import prepare_process
 from genhancer.denoisers import DENOISERS
 from genhancer.denoisers.flux import Flux
 from genhancer.denoisers.flux_diffusers import diffusers_call, diffusers_config, to_diffusers
+from genhancer.threads import cpu_bf16
 
 MiB = 2**20
 
@@ -161,7 +162,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 256], help="image tokens (square grids)")
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--context", type=int, default=1, help="context tokens (1: the [CLS] condition)")
-    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
+                        help="default: fp32 and bf16 (fp32 only on a CPU that emulates bf16)")
     parser.add_argument("--mode", nargs="+", default=["train", "forward"], choices=["train", "forward"])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--reps", type=int, default=1, help="steps per timed measurement")
@@ -175,6 +177,11 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     print(f"machine: {machine(device.type == 'cuda')}")
+    if args.precision is None:
+        args.precision = ["fp32", "bf16"] if device.type == "cuda" or cpu_bf16() else ["fp32"]
+        if "bf16" not in args.precision:
+            print("bf16 rows skipped: this CPU emulates every bf16 product (16x the fp32 time here, the same work in "
+                  "both networks); --precision fp32 bf16 runs them")
     parameter_counts()
     head_dim = args.hidden // args.heads
     small = dataclasses.replace(DENOISERS["flux-small"].arch, hidden=args.hidden, heads=args.heads,

@@ -73,14 +73,16 @@ def bench(model_dir: str, benchmark: str, args) -> None:
     if picks["batched"] != picks["pairwise"] or results["batched"].scores != results["pairwise"].scores:
         raise SystemExit(f"{model_dir}: batched and pairwise results differ")
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
+    for r in range(args.repeats):
+        # the evaluation and its model compute back to back, in alternating order, so that each round's ratio of
+        # the two spans well under a second of the machine's drift; the pairwise loop (seconds) after them
+        for name in ("batched", "model", "pairwise") if r % 2 == 0 else ("model", "batched", "pairwise"):
             start = time.perf_counter()
-            run()
+            runs[name]()
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) for name, t in times.items()}
-    # ratios within each round (the three runs of a round are back to back), then their median and range: the
-    # machine's slow drifts, which move all three runs of a round together, cancel out of these
+    # ratios within each round, then their median and range: the machine's slow drifts, which move the runs of a
+    # round together, cancel out of these
     speedup = sorted(p / b for p, b in zip(times["pairwise"], times["batched"]))
     share = sorted(b / m for b, m in zip(times["batched"], times["model"]))
     print(f"\nmodel: {model_dir} ({model.family}, {sum(p.numel() for p in model.model.parameters()):,} parameters)")

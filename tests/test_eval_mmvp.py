@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from eval_fixtures import (  # noqa: F401 (one_torch_thread is an autouse fixture)
     run_eval_cli,
     make_mmvp,
@@ -47,6 +48,15 @@ def test_batched_and_pairwise_equal_the_reference(tiny, bench):
         np.testing.assert_allclose(probs, np.array([r[6:] for r in ref_rows], dtype=np.float32), atol=1e-5)
     # the picks are not all one way: the comparison above is not vacuous
     assert len({r["pred1"] for r in result.rows}) == 2
+
+
+def test_tokenize_gives_the_tokenizers_ids_as_int64(tiny):
+    model = load_model(str(tiny[1]), device="cpu")
+    texts = [mmvp.PROMPT + s for s in ("a red square", "two small circles left of a big one", "")]
+    length = 77 if tiny[0] == "clip" else model.tokenizer.model_max_length
+    ids = model.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    got = model.tokenize(texts)
+    assert got.dtype == torch.int64 and torch.equal(got, ids["input_ids"])
 
 
 def test_batch_size_does_not_change_results(bench, tmp_path):
@@ -163,6 +173,15 @@ def test_missing_files(tmp_path):
     root = make_mmvp(tmp_path / "b")
     (root / "MLLM_VLM Images" / "Color" / "152.jpg").unlink()
     with pytest.raises(ConfigError, match=r"line 153 \(Question ID 152\): image .*Color/152.jpg not found"):
+        mmvp.load_benchmark(root)
+    (root / "MLLM_VLM Images" / "Color" / "152.jpg").mkdir()  # a folder of the image's name is no image
+    with pytest.raises(ConfigError, match=r"line 153 \(Question ID 152\): image .*Color/152.jpg not found"):
+        mmvp.load_benchmark(root)
+    (root / "MLLM_VLM Images" / "Color" / "152.jpg").rmdir()
+    (root / "MLLM_VLM Images" / "Color" / "152.jpg").symlink_to(root / "MLLM_VLM Images" / "Color" / "151.jpg")
+    assert len(mmvp.load_benchmark(root)) == 135  # a link to an image is one
+    shutil.rmtree(root / "MLLM_VLM Images" / "Color")  # a whole Type folder missing
+    with pytest.raises(ConfigError, match=r"line 152 \(Question ID 151\): image .*Color/151.jpg not found"):
         mmvp.load_benchmark(root)
     shutil.rmtree(root / "MLLM_VLM Images")
     with pytest.raises(ConfigError, match="no image folder"):

@@ -1,14 +1,16 @@
 """A run says what it built before its first step, and what is off; the CPU thread count."""
 
 import importlib.util
+import platform
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import CLIPModel
 
-from genhancer import threads
+from genhancer import summary, threads
 from genhancer.cli import main
 from genhancer.config import load_config
 from genhancer.summary import LARGE_FOR_CPU, notes
@@ -71,10 +73,31 @@ def test_notes_say_what_is_off(monkeypatch):
     [line] = notes(cfg, cpu_acc(), 1000)
     assert "mixed_precision=fp16 is overridden by train.precision=fp32" in line
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    monkeypatch.setattr(summary, "cpu_bf16", lambda: True)  # a CPU with bf16 instructions
     cfg = load_config(None, ["data.source=synthetic", "train.trackers=[]"])  # the recipe defaults: bf16, flux-paper
     bf16, big = notes(cfg, cpu_acc(), LARGE_FOR_CPU + 1)
-    assert "train.precision=fp32" in bf16 and "model.denoiser=flux-tiny" in big and "flux-paper" in big
+    assert "usually faster" in bf16 and "train.precision=fp32" in bf16
+    assert "model.denoiser=flux-tiny" in big and "flux-paper" in big
     assert notes(cfg, SimpleNamespace(device=torch.device("cuda")), LARGE_FOR_CPU + 1) == []
+    frozen = load_config(None, ["data.source=synthetic", "train.trackers=[]", "train.precision=fp32",
+                                "train.frozen_bf16=true"])
+    assert notes(frozen, cpu_acc(), 1000) == []  # what the switch is for
+    monkeypatch.setattr(summary, "cpu_bf16", lambda: False)  # one without: every bf16 product emulated
+    emulated, _ = notes(cfg, cpu_acc(), LARGE_FOR_CPU + 1)
+    assert emulated.startswith("train.precision=bf16 on a CPU without bf16 instructions") and "35x" in emulated
+    [line] = notes(frozen, cpu_acc(), 1000)
+    assert line.startswith("train.frozen_bf16=true on a CPU without") and "train.frozen_bf16=false" in line
+    assert notes(frozen, SimpleNamespace(device=torch.device("cuda")), 1000) == []
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file() or platform.machine() != "x86_64", reason="x86 Linux")
+def test_cpu_bf16_agrees_with_the_cpu_flags():
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    avx512_core = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags  # oneDNN's bf16 floor on x86
+    if avx512_core or "amx_bf16" in flags:
+        assert threads.cpu_bf16() is True
+    else:
+        assert threads.cpu_bf16() is False
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")

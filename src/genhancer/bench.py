@@ -32,6 +32,7 @@ from . import hostmem
 from .config import RunConfig, to_dict
 from .errors import ConfigError
 from .quiet import out_of_memory
+from .threads import cpu_bf16
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name; the first matching key wins.
 GPU_BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
@@ -364,7 +365,8 @@ def cpu_name() -> str:
 def machine(cuda: bool = False) -> str:
     """What a measurement ran on: the GPU, the CPU and its load, torch's threads and version (every bench prints it)."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
-    cpu = (f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, load average {load} (1/5/15 min); "
+    kernels = f"{torch.backends.cpu.get_cpu_capability()} kernels{'' if cpu_bf16() else ', bf16 emulated'}"
+    cpu = (f"CPU: {cpu_name()} ({kernels}), {os.cpu_count()} logical cores, load average {load} (1/5/15 min); "
            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); host memory: "
            f"{'freed memory kept' if hostmem.kept else 'malloc defaults'}")
     if cuda:

@@ -1,4 +1,5 @@
-"""The torch CPU thread count of a run: chosen once, printed in the run's summary.
+"""The CPU side of a run: torch's thread count (chosen once, printed in the run's summary) and whether the CPU
+computes bf16 in hardware.
 
 torch's default (one thread per core) was measured 9x slower than one thread on a 2-core machine busy with other
 jobs: threads that wait for a busy core stall every parallel kernel. A CPU run is bit-exact only at the same thread
@@ -43,3 +44,13 @@ def set_cpu_threads(requested: int | None = None) -> int | None:
     n = requested or default_threads()
     torch.set_num_threads(n)
     return n
+
+
+def cpu_bf16() -> bool:
+    """Whether torch computes bf16 products on this CPU with bf16-capable instructions (oneDNN's check: AVX-512 or
+    AMX on x86, bf16 extensions on Arm). Without them every bf16 product is emulated: on an AVX2-only AMD EPYC the
+    tiny preset's step took 35x as long in bf16 as in fp32 (docs/performance.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN has no fast bf16 products either
+        return False

@@ -33,6 +33,7 @@ validated first (see :func:`load_benchmark`), and non-RGB images are converted t
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,10 @@ class Pair:
 
     def read_image(self, j: int):
         """Image ``j`` (0 or 1) as RGB PIL; errors name the question's line and the file."""
-        return read_image(self.images[j], f"{self.where(j)}: {self.images[j]}")
+        try:
+            return read_image(self.images[j])
+        except ConfigError as err:  # the line is named only on error: formatting it for every image costs GIL time
+            raise ConfigError(f"{self.where(j)}: {err}") from None
 
 
 @dataclass
@@ -161,7 +165,7 @@ def load_benchmark(root: str | Path) -> list[Pair]:
                 f"{csv_path} lines {line1}-{line2}: a pair is an odd Question ID followed by the next even one, "
                 f"got {qid1} and {qid2}"
             )
-        folder = type_folders.setdefault(qtype, image_folder / qtype)
+        folder = type_folders.get(qtype) or type_folders.setdefault(qtype, image_folder / qtype)  # one join a Type
         images = (folder / f"{qid1}.jpg", folder / f"{qid2}.jpg")
         pairs.append(Pair((line1, line2), (qid1, qid2), qtype, (statement1, statement2), images))
     if len(pairs) != NUM_PAIRS:
@@ -170,11 +174,22 @@ def load_benchmark(root: str | Path) -> list[Pair]:
             f"each of its {len(CATEGORIES)} categories ({NUM_PAIRS} pairs)"
         )
     _check_categories(csv_path, pairs)
+    files = {qtype: _file_names(folder) for qtype, folder in type_folders.items()}  # a listing each, not 270 stats
     for pair in pairs:
         for j, image in enumerate(pair.images):
-            if not image.is_file():
+            # is_file only for a name not listed: a case-insensitive file system may still hold it
+            if f"{pair.qids[j]}.jpg" not in files[pair.type] and not image.is_file():
                 raise ConfigError(f"{pair.where(j)}: image {image} not found")
     return pairs
+
+
+def _file_names(folder: Path) -> set[str]:
+    """Names of the files (links to files included) in ``folder``; empty if it is missing or not a folder."""
+    try:
+        with os.scandir(folder) as entries:
+            return {entry.name for entry in entries if entry.is_file()}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
 
 
 def _check_categories(csv_path: Path, pairs: list[Pair]) -> None:

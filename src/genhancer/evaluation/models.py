@@ -95,10 +95,11 @@ class EvalModel:
             if max_length > 1_000_000:  # tokenizer saved without a max length: fall back to the model's context
                 max_length = self.model.config.text_config.max_position_embeddings
         encoded = self.tokenizer(
-            list(texts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt",
-            return_attention_mask=False,  # never used: building it costs as much as the ids
+            list(texts), padding="max_length", max_length=max_length, truncation=True,
+            return_tensors="np",  # torch.tensor from the lists holds the GIL 4x as long as NumPy (7 against 1.7 ms
+            return_attention_mask=False,  # for 270 texts); the mask is never used: building it costs as much as the ids
         )
-        return encoded["input_ids"]
+        return torch.from_numpy(encoded["input_ids"])
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """``(N, 3, H, W)`` processed images; each image is processed on its own, so batching changes nothing."""
