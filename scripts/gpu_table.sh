@@ -19,8 +19,8 @@ PRESET=${PRESET:-paper} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-10} WARMUP=${WARMU
 OUT=${OUT:-runs/gpu-table}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install --quiet --no-deps --no-index .whl/*.whl
+if ! "$PY" -c "import diffusers, webdataset" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install --quiet --no-deps --no-index .whl/*.whl  # only where they are missing: the GPU image
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 cpu=()

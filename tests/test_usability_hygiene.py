@@ -1,6 +1,7 @@
 """Project hygiene (licence, citation, one version, py.typed, changelog, demo installs) and quiet output."""
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -121,3 +122,15 @@ def test_the_readme_states_the_shipped_bases_size():
     stated = f"{sum(p.numel() for p in model.parameters()):,} parameters, ViT " \
              f"{model.config.vision_config.num_hidden_layers} x {width} on {model.config.vision_config.image_size} px"
     assert stated in " ".join((ROOT / "README.md").read_text().split())
+
+
+def test_gpu_table_script_usage_and_budget(tmp_path):
+    script = str(ROOT / "scripts" / "gpu_table.sh")
+    bad = subprocess.run(["bash", script, "everything"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "usage: bash scripts/gpu_table.sh core|sweep"
+    # with no time left every bench is skipped and said so; the log and the end line are still written
+    env = {**os.environ, "BUDGET": "-1", "OUT": str(tmp_path), "PYTHON": sys.executable, "DEVICE": "cpu"}
+    done = subprocess.run(["bash", script, "sweep"], capture_output=True, text=True, env=env, check=True)
+    log = (tmp_path / "gpu.log").read_text()
+    assert log.count("skipped (budget):") == 11 and "--resolution 224" in log and "--attention math" in log
+    assert "done in" in done.stdout and not (tmp_path / "gpu.jsonl").exists()
