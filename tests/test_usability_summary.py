@@ -136,3 +136,13 @@ def test_images_line_of_shards_and_caches(tmp_path):
                                             "until read)"
     cfg.data.source = "cache"
     assert summary._images(cfg, 5, 8).startswith("40 cached samples per epoch")
+
+
+def test_machine_line_names_the_cpu_kernels_and_bf16(monkeypatch):
+    from genhancer import bench
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    for native in (True, False):
+        monkeypatch.setattr(bench, "cpu_bf16", lambda native=native: native)
+        line = bench.machine()
+        assert f"({capability} kernels{'' if native else ', bf16 emulated'})," in line
