@@ -10,7 +10,12 @@
 # no package index: download their wheels here into the ignored folder .whl/ and carry it,
 #   pip download --no-deps -d .whl diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7
 #   device run: command "bash scripts/gpu_table.sh core", carry [".whl"], timeout_s 600
-# The package itself runs from src/ (no install). A dry run of the whole flow on a CPU, with the tiny preset:
+# They go to /tmp/genhancer-site, beside the image's own packages; the package itself runs from src/ (no install).
+# Checked here (2026-12-07) against the image's versions as its package list gives them (transformers 5.17.0,
+# huggingface_hub 1.33.0, accelerate 1.15.0, safetensors 0.8.0, tokenizers 0.23.2; torch 2.13 CPU standing in for
+# its 2.11 CUDA build): the wheels install and the whole flow runs. Each paper-preset bench spends about 35-40 s
+# building its random weights on the CPU (torch's CPU generator is serial: 2.7 B uniform draws for the head).
+# A dry run of the whole flow on a CPU, with the tiny preset:
 #   PRESET=tiny DEVICE=cpu STEPS=1 WARMUP=1 OUT=/tmp/gpu-table bash scripts/gpu_table.sh core
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,10 +24,11 @@ PRESET=${PRESET:-paper} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-10} WARMUP=${WARMU
 OUT=${OUT:-runs/gpu-table}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+site=/tmp/genhancer-site  # the carried wheels, only where they are missing (the GPU image), beside its packages
 if ! "$PY" -c "import diffusers, webdataset" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install --quiet --no-deps --no-index .whl/*.whl  # only where they are missing: the GPU image
+  "$PY" -m pip install --quiet --no-deps --no-index --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
 fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1  # the log fills as it runs
 cpu=()
 [ "$DEVICE" = cpu ] && cpu=(--cpu)
 start=$SECONDS
