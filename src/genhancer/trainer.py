@@ -118,6 +118,8 @@ def _run(cfg: RunConfig, run: Path, resume: bool, acc: Accelerator, backend: Bac
                     break
     finally:  # running out of memory propagates: the CLI names the fix (cli/__init__.py)
         log.close()
+        del model  # the wrapped module goes before the process group (Backend.release)
+        backend.release()
         acc.end_training()
     write_data_report(acc, run, loader.stats, progress.counters)
 
