@@ -43,3 +43,24 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_clip, overrides
         torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4)
     metrics = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 3
+
+
+def test_the_wrapped_model_is_released_before_the_process_group_is_destroyed(tiny_clip, overrides, tmp_path,
+                                                                              monkeypatch):
+    """A DDP reducer left as the process group's last holder destroys the group with the GIL held, which can hang at
+    exit (gloo's worker thread waits for the GIL; 3 of 35 two-process launches on a loaded 2-core machine): the
+    trainer drops the wrapped model and optimizer, in the accelerator too, before ``end_training`` destroys it."""
+    from accelerate import Accelerator
+
+    from genhancer.config import load_config
+    from genhancer.trainer import train
+
+    held, end_training = [], Accelerator.end_training
+
+    def spy(self):
+        held.append(len(self._models) + len(self._optimizers))
+        end_training(self)
+
+    monkeypatch.setattr(Accelerator, "end_training", spy)
+    train(load_config(overrides=overrides(tiny_clip, tmp_path / "run", steps=1)))
+    assert held == [0]
