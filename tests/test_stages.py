@@ -87,3 +87,18 @@ def test_live_and_cached_conditions_are_the_same_selection(tiny_clip, overrides,
         torch.testing.assert_close(enh.condition({"cond": cached}, local_index), live)
         torch.testing.assert_close(enh.condition({"cond": cached}, None), enh.condition({"pixels": pixels}, None))
         assert torch.equal(live[:, 1:], cached[torch.arange(2)[:, None], 1 + local_index])
+
+
+def test_random_weights_are_drawn_on_the_given_device_and_pretrained_ones_load_on_the_cpu(tiny_clip, overrides,
+                                                                                          tmp_path):
+    """build_enhancer(device=...) (model.init_on_device): the head, and a random_init backbone, are made there;
+    a pretrained backbone is loaded on the CPU as without a device (the meta device stands in for a GPU)."""
+    cfg = load_config(None, overrides(tiny_clip, tmp_path))
+    enh = build_enhancer(cfg, device="meta")
+    assert {p.device.type for p in enh.head.parameters()} == {"meta"}
+    loaded = build_enhancer(cfg).backbone.state_dict()
+    assert {k: v.device.type for k, v in enh.backbone.state_dict().items()} == {k: "cpu" for k in loaded}
+    assert all(torch.equal(v, loaded[k]) for k, v in enh.backbone.state_dict().items())
+    random = build_enhancer(load_config(None, overrides(tiny_clip, tmp_path, model__random_init=True)), device="meta")
+    assert {p.device.type for p in random.backbone.parameters()} == {p.device.type for p in random.head.parameters()} \
+        == {"meta"}

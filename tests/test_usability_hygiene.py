@@ -134,3 +134,24 @@ def test_gpu_table_script_usage_and_budget(tmp_path):
     log = (tmp_path / "gpu.log").read_text()
     assert log.count("skipped (budget):") == 11 and "--resolution 224" in log and "--attention math" in log
     assert "done in" in done.stdout and not (tmp_path / "gpu.jsonl").exists()
+
+
+def test_gpu_table_runs_again_with_cpu_drawn_weights_once_a_bench_fails(tmp_path):
+    """The paper preset draws its weights on the GPU, untried there: after a failed bench the script retries it,
+    and runs every later one, with model.init_on_device=false; a bench that fails anyway is said to have failed."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"  # stands in for the interpreter: fails every bench that draws on the device
+    fake.write_text(f"""#!/usr/bin/env bash
+[ "$1" = -c ] && exit 0
+echo "$*" >> {calls}
+case "$*" in *--attention*) exit 1 ;; *model.init_on_device=false*) exit 0 ;; *) exit 1 ;; esac
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": str(fake), "DEVICE": "cpu", "PRESET": "paper"}
+    subprocess.run(["bash", str(ROOT / "scripts" / "gpu_table.sh"), "sweep"], capture_output=True, text=True,
+                   env=env, check=True)
+    runs = calls.read_text().splitlines()
+    assert len(runs) == 12 and "model.init_on_device=false" not in runs[0]  # 11 benches, the first one twice
+    assert all(r.endswith("model.init_on_device=false") and "--preset paper --cpu" in r for r in runs[1:])
+    log = (tmp_path / "gpu.log").read_text()
+    assert [line for line in log.splitlines() if line.startswith("failed:")] == ["failed: --batch-size 16 --attention math"]

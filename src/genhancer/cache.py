@@ -141,9 +141,9 @@ def build_cache(cfg: RunConfig, out: str | Path, *, views: int = 1, batch_size: 
         raise ConfigError(f"cache dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"cache folder '{out}' exists and is not empty: choose a new folder")
-    enh = enh or build_enhancer(cfg)
+    enh = enh or build_enhancer(cfg, device=device if cfg.model.init_on_device else None)  # as the run will
     kind = cache_kind(cfg.stage.stage)
-    manifest = describe(cfg, enh, kind)  # before moving to the device: hashing reads weights on the CPU
+    manifest = describe(cfg, enh, kind)  # hashed before the move: no copy back where the weights were built on the CPU
     enh.eval().to(device)
     out.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out, shard_size)

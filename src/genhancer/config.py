@@ -27,6 +27,7 @@ class ModelConfig:
     backbone: str = "openai-clip-vit-l-14-224"  # registered preset, local save_pretrained dir, or cached hub id
     weights: str | None = None  # local dir or hub id holding a preset's weights (default: the preset's hub id)
     random_init: bool = False  # build the backbone from its config with random weights (tests, benchmarks)
+    init_on_device: bool = False  # draw random initial weights on the run's device, not the CPU: fast on a GPU, other weights per seed
     condition: str = "cls"  # "cls": global token only (paper); "cls+local": plus a share of patch tokens (Fig. 5)
     local_ratio: float = 1.0  # share of patch tokens that join the condition in "cls+local"
     latent: str = "flux-vae"  # latent space: see genhancer.latents.LATENT_SPACES

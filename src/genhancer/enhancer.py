@@ -162,11 +162,13 @@ def build_head(name: str, overrides: dict | None, cond_dim: int, latent) -> nn.M
 def build_enhancer(cfg: RunConfig, device: str | torch.device | None = None) -> Enhancer:
     """Backbone, latent space, a fresh head and the objective as ``cfg`` names them; nothing frozen or adapted yet.
 
-    ``device="meta"`` builds without storage (parameter and FLOP counts at any size; needs ``model.random_init``).
-    The build order (backbone, latent space, head) fixes which weights a seed gives.
+    ``device``: where random weights are drawn (the head; the backbone with ``model.random_init``), instead of the
+    CPU. Pretrained weights load on the CPU, and the latent space is built there, then moved. ``device="meta"``
+    builds without storage (parameter and FLOP counts at any size; needs ``model.random_init``). The build order
+    (backbone, latent space, head) fixes which weights a seed gives on a device.
     """
     on_device = (lambda: torch.device(device)) if device is not None else nullcontext
-    with on_device():
+    with on_device() if cfg.model.random_init else nullcontext():
         backbone = build_backbone(cfg.model)
     latent = build_latent_space(cfg.model)  # diffusers cannot build inside a meta context: moved below
     latent.check_image_size(backbone.image_size)

@@ -202,7 +202,7 @@ def _check_shapes(cfg: RunConfig) -> None:
 def _build(cfg: RunConfig, acc: Accelerator) -> tuple[Enhancer, torch.optim.Optimizer]:
     """The run's model, as the stage wants it, and AdamW over its trainable parameters."""
     torch.manual_seed(cfg.train.seed)  # the head's initialisation: identical on every process and every rerun
-    enh = build_enhancer(cfg)
+    enh = build_enhancer(cfg, device=acc.device if cfg.model.init_on_device else None)
     _load_init(enh, cfg)
     apply_stage(enh, cfg.stage, cfg.train.grad_checkpointing)
     if cfg.train.compile:  # in place, so that checkpoints keep the uncompiled parameter names
