@@ -5,11 +5,12 @@
 #
 #   bash scripts/gpu_table.sh core    # Table 7 setting: stage 1 / 2 x batch 2 / 16 x images / cache; ours vs diffusers
 #   bash scripts/gpu_table.sh sweep   # resolution 224 / 336 / 384, denoiser depth 1..4, the switches
+#   bash scripts/gpu_table.sh all     # core, then sweep, as far as the budget goes
 #
 # The machine's image has torch, transformers, peft and accelerate but not diffusers or webdataset, and it reaches
 # no package index: download their wheels here into the ignored folder .whl/ and carry it,
 #   pip download --no-deps -d .whl diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7
-#   device run: command "bash scripts/gpu_table.sh core", carry [".whl"], timeout_s 600
+#   device run: command "bash scripts/gpu_table.sh all", carry [".whl"], timeout_s 600
 # They go to /tmp/genhancer-site, beside the image's own packages; the package itself runs from src/ (no install).
 # Checked here (2026-12-07) against the image's versions as its package list gives them (transformers 5.17.0,
 # huggingface_hub 1.33.0, accelerate 1.15.0, safetensors 0.8.0, tokenizers 0.23.2; torch 2.13 CPU standing in for
@@ -21,7 +22,7 @@
 #   PRESET=tiny DEVICE=cpu STEPS=1 WARMUP=1 OUT=/tmp/gpu-table bash scripts/gpu_table.sh core
 set -euo pipefail
 cd "$(dirname "$0")/.."
-case "${1:-}" in core | sweep) part=$1 ;; *) echo "usage: bash scripts/gpu_table.sh core|sweep" >&2; exit 2 ;; esac
+case "${1:-}" in core | sweep | all) part=$1 ;; *) echo "usage: bash scripts/gpu_table.sh core|sweep|all" >&2; exit 2 ;; esac
 PRESET=${PRESET:-paper} DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-10} WARMUP=${WARMUP:-3} BUDGET=${BUDGET:-540}
 OUT=${OUT:-runs/gpu-table}
 mkdir -p "$OUT"
@@ -53,26 +54,29 @@ bench() {  # one `genhancer bench` on the preset; skipped once the budget is spe
 
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
   | tee -a "$OUT/gpu.log"
+core() {  # ours / diffusers first (a stated target), then the Table 7 benches
+  if [ "$DEVICE" = cuda ]; then  # the small configurations, then the paper preset
+    "$PY" scripts/bench_denoiser.py --device cuda --rounds 10 2>&1 | tee -a "$OUT/gpu.log" \
+      || echo "failed: bench_denoiser" | tee -a "$OUT/gpu.log"
+  else
+    "$PY" scripts/bench_denoiser.py --hidden 64 --heads 2 --double 1 --single 1 --tokens 16 --batch 2 --rounds 2 \
+      2>&1 | { grep -v USDT || true; } | tee -a "$OUT/gpu.log" || echo "failed: bench_denoiser" | tee -a "$OUT/gpu.log"
+  fi
+  for b in 2 16; do for s in stage1 stage2; do bench --stage "$s" --batch-size "$b"; done; done
+  for b in 2 16; do bench --stage stage1 --batch-size "$b" --cache; done
+  bench --stage stage2 --batch-size 2 --cache
+}
+sweep() {
+  for r in 224 336 384; do bench --batch-size 16 --resolution "$r"; done
+  for n in 1 3 4; do bench --batch-size 16 "model.denoiser_arch.depth_double=$n"; done
+  for sw in train.compile=true train.grad_checkpointing=true optim.fused=false train.precision=fp32; do
+    bench --batch-size 16 "$sw"
+  done
+  bench --batch-size 16 --attention math
+}
 case "$part" in
-  core)
-    # ours / diffusers first (a stated target), then the benches
-    if [ "$DEVICE" = cuda ]; then  # the small configurations, then the paper preset
-      "$PY" scripts/bench_denoiser.py --device cuda --rounds 10 2>&1 | tee -a "$OUT/gpu.log" || echo "failed: bench_denoiser"
-    else
-      "$PY" scripts/bench_denoiser.py --hidden 64 --heads 2 --double 1 --single 1 --tokens 16 --batch 2 --rounds 2 \
-        2>&1 | grep -v USDT | tee -a "$OUT/gpu.log" || echo "failed: bench_denoiser"
-    fi
-    for b in 2 16; do for s in stage1 stage2; do bench --stage "$s" --batch-size "$b"; done; done
-    for b in 2 16; do bench --stage stage1 --batch-size "$b" --cache; done
-    bench --stage stage2 --batch-size 2 --cache
-    ;;
-  sweep)
-    for r in 224 336 384; do bench --batch-size 16 --resolution "$r"; done
-    for n in 1 3 4; do bench --batch-size 16 "model.denoiser_arch.depth_double=$n"; done
-    for sw in train.compile=true train.grad_checkpointing=true optim.fused=false train.precision=fp32; do
-      bench --batch-size 16 "$sw"
-    done
-    bench --batch-size 16 --attention math
-    ;;
+  core) core ;;
+  sweep) sweep ;;
+  all) core; sweep ;;
 esac
 echo "done in $((SECONDS - start)) s; results: $OUT/gpu.jsonl" | tee -a "$OUT/gpu.log"

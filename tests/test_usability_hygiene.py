@@ -127,7 +127,7 @@ def test_the_readme_states_the_shipped_bases_size():
 def test_gpu_table_script_usage_and_budget(tmp_path):
     script = str(ROOT / "scripts" / "gpu_table.sh")
     bad = subprocess.run(["bash", script, "everything"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip() == "usage: bash scripts/gpu_table.sh core|sweep"
+    assert bad.returncode == 2 and bad.stderr.strip() == "usage: bash scripts/gpu_table.sh core|sweep|all"
     # with no time left every bench is skipped and said so; the log and the end line are still written
     env = {**os.environ, "BUDGET": "-1", "OUT": str(tmp_path), "PYTHON": sys.executable, "DEVICE": "cpu"}
     done = subprocess.run(["bash", script, "sweep"], capture_output=True, text=True, env=env, check=True)
@@ -144,14 +144,16 @@ def test_gpu_table_runs_again_with_cpu_drawn_weights_once_a_bench_fails(tmp_path
     fake.write_text(f"""#!/usr/bin/env bash
 [ "$1" = -c ] && exit 0
 echo "$*" >> {calls}
-case "$*" in *--attention*) exit 1 ;; *model.init_on_device=false*) exit 0 ;; *) exit 1 ;; esac
+case "$*" in *bench_denoiser*) exit 0 ;; *--attention*) exit 1 ;; *model.init_on_device=false*) exit 0 ;; *) exit 1 ;; esac
 """)
     fake.chmod(0o755)
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": str(fake), "DEVICE": "cpu", "PRESET": "paper"}
-    subprocess.run(["bash", str(ROOT / "scripts" / "gpu_table.sh"), "sweep"], capture_output=True, text=True,
+    subprocess.run(["bash", str(ROOT / "scripts" / "gpu_table.sh"), "all"], capture_output=True, text=True,
                    env=env, check=True)
-    runs = calls.read_text().splitlines()
-    assert len(runs) == 12 and "model.init_on_device=false" not in runs[0]  # 11 benches, the first one twice
+    denoiser, *runs = calls.read_text().splitlines()
+    assert denoiser.startswith("scripts/bench_denoiser.py")  # core first, then sweep: 7 + 11 benches
+    assert len(runs) == 19 and "model.init_on_device=false" not in runs[0]  # the first one twice
     assert all(r.endswith("model.init_on_device=false") and "--preset paper --cpu" in r for r in runs[1:])
+    assert "--stage stage1 --batch-size 2" in runs[0] and "--attention math" in runs[-1]
     log = (tmp_path / "gpu.log").read_text()
     assert [line for line in log.splitlines() if line.startswith("failed:")] == ["failed: --batch-size 16 --attention math"]
