@@ -45,10 +45,12 @@ def test_a_stage2_bench_starts_from_a_fresh_head_drawn_where_the_preset_says(tmp
     assert PRESETS["paper"]["model.init_on_device"] and "model.init_on_device" not in PRESETS["tiny"]
     out = tmp_path / "bench.jsonl"
     assert main(bench_args("--batch-size", "2", "--stage", "stage2", "--json", str(out))) == 0
-    assert main(bench_args("model.init_on_device=true", "--batch-size", "2", "--stage", "stage2")) == 0
+    assert main(bench_args("model.init_on_device=true", "--batch-size", "2", "--stage", "stage2", "--json",
+                           str(out))) == 0
     assert [d for d in devices if d != "meta"] == ["None", "None", "cpu", "cpu"]  # fresh head, run; twice
-    record = json.loads(out.read_text())
-    assert record["config"]["stage"] == "stage2" and record["params_trainable"] < record["params_head"]
+    plain, on_device = [json.loads(line) for line in out.read_text().splitlines()]
+    assert plain["config"]["stage"] == "stage2" and plain["params_trainable"] < plain["params_head"]
+    assert not plain["config"]["init_on_device"] and on_device["config"]["init_on_device"]
 
 
 def test_a_batch_that_does_not_fit_gets_the_largest_that_does(tmp_path, capsys, monkeypatch):
