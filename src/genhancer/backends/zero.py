@@ -41,7 +41,21 @@ def accelerator_kwargs(cfg: RunConfig) -> dict:
     kwargs = {"mixed_precision": "no", "gradient_accumulation_steps": cfg.train.grad_accum}
     if not torch.cuda.is_available():  # accelerate picks no process-group backend for DeepSpeed on CPU
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        skip_shared_memory_op()
     return kwargs
+
+
+def skip_shared_memory_op() -> None:
+    """Keep DeepSpeed's CPU communication from compiling its shared-memory all-reduce op when it starts.
+
+    DeepSpeed builds that C++ extension (``deepspeed_shm_comm``) on its first start in an environment (40 s on two
+    cores, and a compiler needed), yet only its tensor-parallel inference calls it; ZeRO training communicates
+    through the process group. DeepSpeed reads the op's availability from ``deepspeed.ops.__compatible_ops__``, a
+    dict it keeps for edits like this one.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def configure(acc, cfg: RunConfig) -> str:
