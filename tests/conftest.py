@@ -39,3 +39,20 @@ def tiny_overrides(backbone, out, stage="stage1", steps=4, **extra) -> list[str]
 @pytest.fixture
 def overrides():
     return tiny_overrides
+
+
+@pytest.fixture
+def build_devices(monkeypatch):
+    """The ``device`` of every ``build_enhancer`` call made from here on (as strings; "None": drawn on the CPU)."""
+    import genhancer.enhancer
+    import genhancer.trainer
+
+    build, devices = genhancer.enhancer.build_enhancer, []
+
+    def spy(cfg, device=None):
+        devices.append(str(device))
+        return build(cfg, device)
+
+    monkeypatch.setattr(genhancer.trainer, "build_enhancer", spy)
+    monkeypatch.setattr(genhancer.enhancer, "build_enhancer", spy)  # imported where used by the cache and the bench
+    return devices

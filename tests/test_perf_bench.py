@@ -28,26 +28,15 @@ def test_bench_runs_on_cpu_prints_a_table_and_appends_json(tmp_path, capsys):
     assert cached["flops_per_image"] < images["flops_per_image"]  # the frozen encoders no longer run
 
 
-def test_a_stage2_bench_starts_from_a_fresh_head_drawn_where_the_preset_says(tmp_path, capsys, monkeypatch):
+def test_a_stage2_bench_starts_from_a_fresh_head_drawn_where_the_preset_says(tmp_path, build_devices):
     """Stage 2 without a stage-1 run: the bench writes a fresh head first; with model.init_on_device (the paper
     preset's setting) it is drawn on the bench's device, like the run's own model."""
-    import genhancer.enhancer
-    import genhancer.trainer
-
-    build, devices = genhancer.enhancer.build_enhancer, []
-
-    def spy(cfg, device=None):
-        devices.append(str(device))
-        return build(cfg, device)
-
-    monkeypatch.setattr(genhancer.trainer, "build_enhancer", spy)
-    monkeypatch.setattr(genhancer.enhancer, "build_enhancer", spy)
     assert PRESETS["paper"]["model.init_on_device"] and "model.init_on_device" not in PRESETS["tiny"]
     out = tmp_path / "bench.jsonl"
     assert main(bench_args("--batch-size", "2", "--stage", "stage2", "--json", str(out))) == 0
     assert main(bench_args("model.init_on_device=true", "--batch-size", "2", "--stage", "stage2", "--json",
                            str(out))) == 0
-    assert [d for d in devices if d != "meta"] == ["None", "None", "cpu", "cpu"]  # fresh head, run; twice
+    assert [d for d in build_devices if d != "meta"] == ["None", "None", "cpu", "cpu"]  # fresh head, run; twice
     plain, on_device = [json.loads(line) for line in out.read_text().splitlines()]
     assert plain["config"]["stage"] == "stage2" and plain["params_trainable"] < plain["params_head"]
     assert not plain["config"]["init_on_device"] and on_device["config"]["init_on_device"]

@@ -93,20 +93,9 @@ def test_an_incomplete_cache_and_a_used_folder_are_refused(tiny_clip, overrides,
 
 
 def test_weights_drawn_on_the_device_reach_the_run_and_its_cache_alike(tiny_clip, overrides, tmp_path, vae,
-                                                                       monkeypatch):
+                                                                       build_devices):
     """model.init_on_device: the trainer builds on the run's device and the cache on its own, so a random-init
     backbone's cache still fits the run; on the CPU the weights are the ones drawn without it."""
-    import genhancer.enhancer
-    import genhancer.trainer
-
-    build, devices = genhancer.enhancer.build_enhancer, []
-
-    def spy(cfg, device=None):
-        devices.append(str(device))
-        return build(cfg, device)
-
-    monkeypatch.setattr(genhancer.trainer, "build_enhancer", spy)
-    monkeypatch.setattr(genhancer.enhancer, "build_enhancer", spy)  # the cache imports it when it runs
     model = dict(model__latent="autoencoder", model__latent_path=vae, model__random_init=True, steps=2)
     plain, _ = run(overrides, tiny_clip, tmp_path / "plain", **model)
     images, cfg = run(overrides, tiny_clip, tmp_path / "images", model__init_on_device=True, **model)
@@ -114,6 +103,6 @@ def test_weights_drawn_on_the_device_reach_the_run_and_its_cache_alike(tiny_clip
     build_cache(cfg, tmp_path / "cache", device="cpu", batch_size=8, log=lambda *_: None)
     cached, _ = run(overrides, tiny_clip, tmp_path / "cached", model__init_on_device=True, data__source="cache",
                     data__path=tmp_path / "cache", **model)
-    assert [d for d in devices if d != "meta"] == ["None", "cpu", "cpu", "cpu"]  # plain, images, cache, cached
+    assert [d for d in build_devices if d != "meta"] == ["None", "cpu", "cpu", "cpu"]  # plain, images, cache, cached
     assert losses(images) == losses(plain)
     assert losses(cached) == pytest.approx(losses(images), rel=1e-5)
