@@ -106,3 +106,17 @@ def test_weights_drawn_on_the_device_reach_the_run_and_its_cache_alike(tiny_clip
     assert [d for d in build_devices if d != "meta"] == ["None", "cpu", "cpu", "cpu"]  # plain, images, cache, cached
     assert losses(images) == losses(plain)
     assert losses(cached) == pytest.approx(losses(images), rel=1e-5)
+
+
+def test_the_cache_command_draws_random_encoders_as_the_run_does(tiny_clip, overrides, tmp_path, vae):
+    """`genhancer cache` with a model.random_init backbone seeds it from train.seed, as the trainer does: the run
+    accepts the cache (it checks the backbone's weights) and trains with the losses of the images."""
+    from genhancer.cli import main
+
+    model = dict(model__latent="autoencoder", model__latent_path=vae, model__random_init=True, steps=2)
+    torch.manual_seed(123)  # whatever the caller's generator holds
+    assert main(["cache", "--out", str(tmp_path / "cache"), *overrides(tiny_clip, tmp_path / "unused", **model)]) == 0
+    images, _ = run(overrides, tiny_clip, tmp_path / "images", **model)
+    cached, _ = run(overrides, tiny_clip, tmp_path / "cached", data__source="cache", data__path=tmp_path / "cache",
+                    **model)
+    assert losses(cached) == pytest.approx(losses(images), rel=1e-5)

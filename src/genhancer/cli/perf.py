@@ -70,6 +70,7 @@ def _cache(args) -> int:
 
     cfg = load_recipe(args.config, args.overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.train.seed)  # random encoders (model.random_init) drawn as the run's trainer draws them
     out = build_cache(cfg, args.out, views=args.views, batch_size=args.batch_size, device=device, dtype=args.dtype,
                       shard_size=args.shard_size)
     print(f"cache written to {out}: train with data.source=cache data.path={out}")
