@@ -238,9 +238,9 @@ def _run(cfg: RunConfig, cpu: bool, attention: str, clock: GeneralTracker | None
 def _fresh_stage1(cfg: RunConfig, run: Path, device: str) -> Path:
     """A stage-1 checkpoint with a freshly initialised head, for benchmarking stage 2 without a stage-1 run."""
     from . import checkpoint as ckpt_io
-    from .enhancer import build_enhancer
+    from .enhancer import build_enhancer, init_device
 
-    head = build_enhancer(cfg, device=device if cfg.model.init_on_device else None).head
+    head = build_enhancer(cfg, device=init_device(cfg, device)).head
     weights = {f"head.{k}": v.cpu() for k, v in head.state_dict().items()}
     return ckpt_io.save_checkpoint(run, 0, weights, {"state": {}, "param_groups": []}, {"config": to_dict(cfg)}, 1)
 

@@ -130,7 +130,7 @@ def build_cache(cfg: RunConfig, out: str | Path, *, views: int = 1, batch_size: 
     ``cfg.stage.stage`` picks the kind (stage 1: latents + condition tokens; otherwise latents + crops).
     ``enh``: an already built :class:`~genhancer.enhancer.Enhancer` to encode with (default: built from ``cfg``).
     """
-    from .enhancer import build_enhancer
+    from .enhancer import build_enhancer, init_device
 
     out = Path(out)
     if cfg.data.source == "cache":
@@ -141,7 +141,7 @@ def build_cache(cfg: RunConfig, out: str | Path, *, views: int = 1, batch_size: 
         raise ConfigError(f"cache dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"cache folder '{out}' exists and is not empty: choose a new folder")
-    enh = enh or build_enhancer(cfg, device=device if cfg.model.init_on_device else None)  # as the run will
+    enh = enh or build_enhancer(cfg, device=init_device(cfg, device))  # as the run will
     kind = cache_kind(cfg.stage.stage)
     manifest = describe(cfg, enh, kind)  # hashed before the move: no copy back where the weights were built on the CPU
     enh.eval().to(device)

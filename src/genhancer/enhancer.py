@@ -159,6 +159,12 @@ def build_head(name: str, overrides: dict | None, cond_dim: int, latent) -> nn.M
         return family.build(arch, cond_dim, latent)
 
 
+def init_device(cfg: RunConfig, device: str | torch.device) -> str | torch.device | None:
+    """Where a run on ``device`` draws its random initial weights: there with ``model.init_on_device``, else on the
+    CPU (None), so that a seed gives the same start on every device."""
+    return device if cfg.model.init_on_device else None
+
+
 def build_enhancer(cfg: RunConfig, device: str | torch.device | None = None) -> Enhancer:
     """Backbone, latent space, a fresh head and the objective as ``cfg`` names them; nothing frozen or adapted yet.
 

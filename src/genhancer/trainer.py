@@ -28,7 +28,7 @@ from .backends import Backend, build_backend, make_accelerator
 from .cache import fingerprint
 from .config import RunConfig, from_dict, to_dict
 from .data import build_loader, open_files
-from .enhancer import Enhancer, apply_stage, build_enhancer
+from .enhancer import Enhancer, apply_stage, build_enhancer, init_device
 from .errors import ConfigError, TrainingError
 from .runs import RunFolder, RunLog, StopFlag, flat, open_run_dir, write_data_report
 from .seeding import derive_seed, generator
@@ -202,7 +202,7 @@ def _check_shapes(cfg: RunConfig) -> None:
 def _build(cfg: RunConfig, acc: Accelerator) -> tuple[Enhancer, torch.optim.Optimizer]:
     """The run's model, as the stage wants it, and AdamW over its trainable parameters."""
     torch.manual_seed(cfg.train.seed)  # the head's initialisation: identical on every process and every rerun
-    enh = build_enhancer(cfg, device=acc.device if cfg.model.init_on_device else None)
+    enh = build_enhancer(cfg, device=init_device(cfg, acc.device))
     _load_init(enh, cfg)
     apply_stage(enh, cfg.stage, cfg.train.grad_checkpointing)
     if cfg.train.compile:  # in place, so that checkpoints keep the uncompiled parameter names
