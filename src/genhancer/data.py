@@ -325,12 +325,6 @@ class SkipStats:
         for r in reasons:
             self.by_reason[r] = self.by_reason.get(r, 0) + 1
 
-    def merge(self, other: "SkipStats") -> "SkipStats":
-        out = SkipStats(self.seen + other.seen, self.skipped + other.skipped, dict(self.by_reason))
-        for r, n in other.by_reason.items():
-            out.by_reason[r] = out.by_reason.get(r, 0) + n
-        return out
-
     def summary(self) -> str:
         """``"skipped 3 of 1000 samples (0.3%): corrupt 2, empty-file 1"``."""
         line = f"skipped {self.skipped} of {self.seen} samples ({100 * self.fraction:.1f}%)"

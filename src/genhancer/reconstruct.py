@@ -48,8 +48,3 @@ def save_grid(rows: list[torch.Tensor], path: str | Path, pad: int = 2) -> Path:
     Image.fromarray(array).save(path)
     return Path(path)
 
-
-def reconstruct_grid(run: str | Path, images: torch.Tensor, out_png: str | Path, steps: int = 25, seed: int = 0) -> Path:
-    """Write the input | reconstruction grid of ``images`` (B, 3, S, S) in [0, 1] under the run's model."""
-    enh = load_enhancer(run)
-    return save_grid([images, reconstruct(enh, images, seed, steps)], out_png)

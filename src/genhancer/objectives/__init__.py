@@ -7,6 +7,6 @@ from .base import Objective
 from .flow import TIMESTEP_SCHEDULES, RectifiedFlow
 from .masked import MASK_RATIOS, MaskedTokens
 
-OBJECTIVES: dict[str, type[Objective]] = {"continuous": RectifiedFlow, "discrete": MaskedTokens}
+OBJECTIVES: dict[str, type[Objective]] = {cls.latent_kind: cls for cls in (RectifiedFlow, MaskedTokens)}
 
 __all__ = ["MASK_RATIOS", "OBJECTIVES", "TIMESTEP_SCHEDULES", "MaskedTokens", "Objective", "RectifiedFlow"]
