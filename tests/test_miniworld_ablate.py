@@ -95,3 +95,40 @@ def test_a_fast_study_runs_end_to_end_with_the_demos_protocol(tmp_path):
     run = out / "runs" / "discrete_(perceiver-tiny)-seed0"
     assert (run / "stage1").is_dir() and not (run / "cache").exists()
     assert "source: cache" in (run / "stage1" / "config.yaml").read_text()
+
+
+def test_unknown_split_is_rejected_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="unknown split 'test': choose 'held-out' .* or 'val'"):
+        ablate("finetune", out=tmp_path, split="test")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_val_study_is_scored_on_val_seeds_only(tmp_path):
+    """``split="val"``: the large benchmark's pairs start at the first val seed (no held-out benchmark is written),
+    and the probes are the val split's: scores equal to the probes run on val, and unlike the held-out ones."""
+    import csv
+
+    import numpy as np
+
+    from genhancer.miniworld import ablate as ablation
+    from genhancer.miniworld.base import shipped_base
+    from genhancer.miniworld.benchmark import make_pair
+    from genhancer.miniworld.demo import BLIND, write_world
+    from genhancer.miniworld.probes import run_probes
+    from genhancer.miniworld.scenes import ATTRIBUTES, SPLITS, phrase
+
+    world = write_world(tmp_path, FAST, "val")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mmvp-large-val", "train"]
+    with open(world["mmvp-large"] / "part-00" / "Questions.csv") as f:
+        first = [row["Statement"] for row in csv.DictReader(f)][:2]
+    attribute = next(iter(ATTRIBUTES))
+    assert first == [phrase(s, {attribute}) for s in make_pair(SPLITS["val"], attribute)]
+
+    base = shipped_base()
+    val = ablation._score(base, world["mmvp-large"], FAST, "val")
+    probes = run_probes([base], FAST.probe_train, FAST.probe_test, FAST.probe_pairs, split="val")[0]
+    assert val["blind_probe"] == float(np.mean([probes["linear"][a] for a in BLIND]))
+    assert val["blind_pairs"] == probes["blind_pairs"]["average"]
+    held_out = ablation._score(base, world["mmvp-large"], FAST, "held-out")
+    assert {k: v for k, v in held_out.items() if k != "mmvp_large"} != {k: v for k, v in val.items()
+                                                                        if k != "mmvp_large"}

@@ -76,6 +76,9 @@ def add_commands(sub) -> None:
     p.add_argument("--fast", action="store_true", help="a few steps per run (smoke test)")
     p.add_argument("--variants", nargs="+", default=(), metavar="NAME",
                    help="run only these variants of the study (quoted names, as in its table; default: all)")
+    p.add_argument("--split", choices=("held-out", "val"), default="held-out",
+                   help="score on the held-out seeds (default: numbers to report) or on the val seeds (to choose a "
+                        "recipe without looking at held-out scores)")
     p.set_defaults(func=run_ablate)
 
 
@@ -179,4 +182,4 @@ def run_ablate(args) -> None:
     _positive("seeds", args.seeds)
     _pin(args)
     ablate(args.study, seeds=args.seeds, out=args.out or f"miniworld-ablate-{args.study}", fast=args.fast,
-           variants=tuple(args.variants))
+           variants=tuple(args.variants), split=args.split)

@@ -1,7 +1,9 @@
 """The paper's ablations in miniature: each study is a list of variants (config overrides of the demo recipe),
 run over seeds on the shipped base CLIP with the demo's protocol (its full recipe, stage 1 from the encoder cache, its
 probe sizes: at half the steps no variant moved the probes, docs/miniworld.md) and scored on the held-out large MMVP
-benchmark and the text-free probes, so that a study's rows compare with the demo's.
+benchmark and the text-free probes, so that a study's rows compare with the demo's. ``split="val"`` scores on the val
+seeds instead (the large MMVP and the probes drawn from them): the protocol for choosing a recipe, which must never
+look at the held-out scores.
 
 Studies (paper reference): ``timesteps`` (Table 4), ``condition`` (Fig. 5), ``stages`` (Fig. 6), ``finetune``
 (Fig. 8), ``head`` (Fig. 9: the denoiser frozen or trained in stage 2), ``size`` (Table 5), ``denoiser`` (Table 6: the continuous ``flux-mini`` in the 2x-downsampled pixel space
@@ -60,6 +62,7 @@ STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
     "curve": {"stage 2": ()},
 }
 METRICS = ("blind_probe", "mmvp_large", "coarse_probe", "blind_pairs", "linear_probe")
+PROBE_SPLIT = {"held-out": "probe", "val": "val"}  # what a study is scored on -> the probes' seed split
 BASE = "base (not tuned)"
 
 
@@ -89,20 +92,22 @@ def world_vq(images: Path, out: Path, steps: int = VQ_STEPS, seed: int = 0) -> P
     return out
 
 
-def _score(model_dir: Path, benchmark: Path, recipe) -> dict[str, float]:
+def _score(model_dir: Path, benchmark: Path, recipe, split: str) -> dict[str, float]:
     from genhancer.miniworld.benchmark import evaluate_mmvp
     from genhancer.miniworld.probes import run_probes
 
     from genhancer.miniworld.demo import BLIND, COARSE
 
-    probes = run_probes([model_dir], recipe.probe_train, recipe.probe_test, recipe.probe_pairs)[0]
+    probes = run_probes([model_dir], recipe.probe_train, recipe.probe_test, recipe.probe_pairs,
+                        split=PROBE_SPLIT[split])[0]
     return {"mmvp_large": evaluate_mmvp(model_dir, benchmark)["average"],
             "blind_probe": float(np.mean([probes["linear"][a] for a in BLIND])),
             "coarse_probe": float(np.mean([probes["linear"][a] for a in COARSE])),
             "linear_probe": probes["linear"]["average"], "blind_pairs": probes["blind_pairs"]["average"]}
 
 
-def run_variant(overrides: tuple[str, ...], seed: int, world: dict[str, Path], work: Path, recipe) -> list[dict]:
+def run_variant(overrides: tuple[str, ...], seed: int, world: dict[str, Path], work: Path, recipe,
+                split: str = "held-out") -> list[dict]:
     """Train one variant with one seed; returns its scores (several rows for the ``curve`` study)."""
     from genhancer.cache import build_cache
     from genhancer.export import export_model
@@ -128,7 +133,8 @@ def run_variant(overrides: tuple[str, ...], seed: int, world: dict[str, Path], w
         step = int(ckpt.name.split("-")[1])
         window = [r["loss"] for r in losses if step - 10 < r["step"] <= step]
         exported = export_model(ckpt, work / f"export-{step}")
-        rows.append({"step": step, "loss": float(np.mean(window)), **_score(exported, world["mmvp-large"], recipe)})
+        scores = _score(exported, world["mmvp-large"], recipe, split)
+        rows.append({"step": step, "loss": float(np.mean(window)), **scores})
     return rows
 
 
@@ -163,9 +169,9 @@ def plot(rows: list[dict], variants: list[str], study: str, path: Path) -> None:
 
 
 def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fast: bool = False,
-           variants: tuple[str, ...] = ()) -> Path:
-    """Run the ``variants`` of ``study`` (default: all) with seeds 0..seeds-1 against the base; write results.jsonl,
-    table.md and plot.png."""
+           variants: tuple[str, ...] = (), split: str = "held-out") -> Path:
+    """Run the ``variants`` of ``study`` (default: all) with seeds 0..seeds-1 against the base, scored on ``split``
+    ("held-out" or "val"); write results.jsonl, table.md and plot.png."""
     from genhancer.miniworld.base import shipped_base
     from genhancer.miniworld.demo import FAST, FULL, write_world
 
@@ -175,14 +181,16 @@ def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fas
     if unknown:
         raise ConfigError(f"unknown variant '{unknown[0]}' of study '{study}': choose among "
                           + ", ".join(f"'{v}'" for v in STUDIES[study]))
+    if split not in PROBE_SPLIT:
+        raise ConfigError(f"unknown split '{split}': choose 'held-out' (reported numbers) or 'val' (design choices)")
     chosen = {name: o for name, o in STUDIES[study].items() if not variants or name in variants}
     out = Path(out)
     recipe = FAST if fast else FULL
-    world = write_world(out / "world", recipe)
+    world = write_world(out / "world", recipe, split)
     vq_dir = world_vq(world["train"], out / "vq", steps=2 if fast else VQ_STEPS) if study == "denoiser" else None
     names = [BASE, *chosen]
     rows = [{"variant": BASE, "seed": 0, "final": True, "step": 0, "loss": float("nan"),
-             **_score(shipped_base(), world["mmvp-large"], recipe)}]
+             **_score(shipped_base(), world["mmvp-large"], recipe, split)}]
     (out / "results.jsonl").write_text(json.dumps(rows[0]) + "\n")
     if study == "curve":
         every = ("train.save_every=" + str(max(1, recipe.stage2_steps // 5)), "train.keep_last=100")
@@ -194,7 +202,7 @@ def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fas
             work = out / "runs" / f"{name.replace(' ', '_').replace('%', 'pct')}-seed{seed}"
             if work.exists():
                 shutil.rmtree(work)
-            result = run_variant(overrides, seed, world, work, recipe)
+            result = run_variant(overrides, seed, world, work, recipe, split)
             for i, row in enumerate(result):
                 rows.append({"variant": name, "seed": seed, "final": i == len(result) - 1, **row})
             with open(out / "results.jsonl", "a") as f:
@@ -203,7 +211,7 @@ def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fas
                 shutil.rmtree(export)
     table = summarise(rows, names)
     (out / "table.md").write_text(f"# Ablation '{study}' ({seeds} seeds; stage 1 {recipe.stage1_steps} + "
-                                  f"stage 2 {recipe.stage2_steps} steps)\n\n"
+                                  f"stage 2 {recipe.stage2_steps} steps; scored on the {split} seeds)\n\n"
                                   f"{table}\n")
     plot(rows, names, study, out / "plot.png")
     print(table)

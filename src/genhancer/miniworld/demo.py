@@ -79,8 +79,9 @@ def recipe_table(recipe: Recipe) -> str:
     return "\n".join(["| setting | value |", "| --- | --- |", *rows])
 
 
-def write_world(root: Path, recipe: Recipe) -> dict[str, Path]:
-    """Training images (train split) and the held-out benchmarks under ``root``."""
+def write_world(root: Path, recipe: Recipe, split: str = "held-out") -> dict[str, Path]:
+    """Training images (train split) and the benchmarks under ``root``: the held-out ones, or with ``split="val"``
+    the large one drawn from the val seeds instead (for design choices; as the val MMVP-large of docs/miniworld.md)."""
     from genhancer.miniworld.benchmark import write_large, write_mmvp
     from genhancer.miniworld.scenes import SPLITS, render, scene_from_seed
 
@@ -88,6 +89,9 @@ def write_world(root: Path, recipe: Recipe) -> dict[str, Path]:
     images.mkdir(parents=True, exist_ok=True)
     for i in range(recipe.train_images):
         render(scene_from_seed(SPLITS["train"] + i)).save(images / f"{i:06d}.png")
+    if split == "val":
+        return {"train": images,
+                "mmvp-large": write_large(root / "mmvp-large-val", recipe.large_parts, first_seed=SPLITS["val"])}
     return {"train": images, "mmvp": write_mmvp(root / "mmvp"),
             "mmvp-large": write_large(root / "mmvp-large", parts=recipe.large_parts)}
 
