@@ -69,3 +69,19 @@ def test_library_and_cli_caption_at_the_same_rates(tmp_path):
     write_folder(tmp_path / "lib", 40, size=16)
     assert main(["miniworld", "generate", "--out", str(tmp_path / "cli"), "--num", "40", "--size", "16"]) == 0
     assert (tmp_path / "lib" / "labels.jsonl").read_text() == (tmp_path / "cli" / "labels.jsonl").read_text()
+
+
+def test_both_stages_and_the_incentive_use_the_recipes_timesteps(tmp_path):
+    """The recipe's logit-normal m and s reach the trainer's config of each stage and the incentive's stage 1."""
+    from dataclasses import replace
+
+    from genhancer.miniworld.demo import FULL, run_config
+    from genhancer.miniworld.incentive import DEMO, IncentiveRecipe
+
+    recipe = replace(FULL, logit_normal_mean=0.7, logit_normal_scale=0.3)
+    for stage in ("stage1", "stage2"):
+        objective = run_config(recipe, "base", tmp_path, tmp_path / stage, stage).objective
+        assert (objective.logit_normal_mean, objective.logit_normal_scale) == (0.7, 0.3)
+    measured = IncentiveRecipe.stage1_of(recipe)
+    assert (measured.logit_normal_mean, measured.logit_normal_scale) == (0.7, 0.3)
+    assert (DEMO.logit_normal_mean, DEMO.logit_normal_scale) == (FULL.logit_normal_mean, FULL.logit_normal_scale)

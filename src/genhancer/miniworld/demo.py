@@ -29,6 +29,7 @@ class Recipe:
     denoiser: str = "flux-mini"  # hidden 128: flux-tiny (64) could not draw the details (incentive table)
     latent_downsample: int = 2
     logit_normal_mean: float = 1.0  # timesteps towards noise, where the condition decides the loss
+    logit_normal_scale: float = 0.1  # ... concentrated there (t near 0.73): val split, docs/miniworld.md
     stage1_steps: int = 1200  # from the encoder cache
     stage2_steps: int = 600
     batch_size: int = 16
@@ -59,6 +60,7 @@ def run_config(recipe: Recipe, base: str, images: Path, out: Path, stage: str, i
     overrides = [
         f"model.backbone={base}", "model.latent=pixel", f"model.latent_downsample={recipe.latent_downsample}",
         f"model.denoiser={recipe.denoiser}", f"objective.logit_normal_mean={recipe.logit_normal_mean}",
+        f"objective.logit_normal_scale={recipe.logit_normal_scale}",
         f"data.source={source}", f"data.path={images}", "data.num_workers=0", "data.crop_scale=[1.0, 1.0]",
         f"train.batch_size={recipe.batch_size if stage1 else recipe.stage2_batch_size}", "train.grad_accum=1",
         "train.precision=fp32", f"train.output_dir={out}", "train.trackers=[]", "train.log_every=1",

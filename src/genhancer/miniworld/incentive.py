@@ -57,7 +57,7 @@ class IncentiveRecipe:
         """The stage 1 of a demo ``Recipe``."""
         return cls(train_images=recipe.train_images, steps=recipe.stage1_steps, batch_size=recipe.batch_size,
                    lr=recipe.stage1_lr, latent_downsample=recipe.latent_downsample, denoiser=recipe.denoiser,
-                   logit_normal_mean=recipe.logit_normal_mean)
+                   logit_normal_mean=recipe.logit_normal_mean, logit_normal_scale=recipe.logit_normal_scale)
 
     def with_(self, **changes) -> "IncentiveRecipe":
         return replace(self, **changes)
