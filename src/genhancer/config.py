@@ -44,6 +44,7 @@ class ObjectiveConfig:
     timestep_sampling: str = "logit-normal"  # objectives.flow.TIMESTEP_SCHEDULES: "logit-normal" (Eq. 6), "uniform"
     logit_normal_scale: float = 1.0  # s in t = sigmoid(m + s * eps)
     logit_normal_mean: float = 0.0  # m: 0 in the paper; > 0 samples nearer t = 1 (pure noise)
+    uniform_share: float = 0.0  # share of timesteps drawn from U[0, 1] instead (0 in the paper): covers the ends
     mask_sampling: str = "uniform"  # discrete: a key of objectives.masked.MASK_RATIOS; "uniform": r ~ U[min, max]
     mask_ratio_min: float = 0.5  # discrete denoiser: per-sample mask ratio ~ U[min, max] (paper: 50-90%)
     mask_ratio_max: float = 0.9
@@ -297,6 +298,7 @@ def validate(cfg: RunConfig) -> None:
         need(getattr(o, key) in registry, f"objective.{key} must be one of {', '.join(map(repr, registry))}, "
                                           f"got '{getattr(o, key)}'")
     need(o.logit_normal_scale > 0, f"objective.logit_normal_scale must be > 0, got {o.logit_normal_scale}")
+    need(0.0 <= o.uniform_share <= 1.0, f"objective.uniform_share must be in [0, 1], got {o.uniform_share}")
     for name in ("mask_ratio_min", "mask_ratio_max", "mask_ratio"):
         v = getattr(o, name)
         need(v is None or 0.0 < v < 1.0, f"objective.{name} must be in (0, 1), got {v}")

@@ -120,11 +120,12 @@ def recipe_table(cfg: RunConfig, step: int) -> str:
     tuning = ("full fine-tuning" if s.finetune == "full"
               else f"LoRA r={s.lora_r}, alpha={s.lora_alpha}, dropout={s.lora_dropout} (merged)")
     head = "trained" if s.train_head or s.stage == "e2e" else "frozen"
+    share = f", {o.uniform_share:g} of them uniform" if o.uniform_share else ""
     return f"""| | |
 | --- | --- |
 | recipe | {s.stage}, {tuning}, head {head} |
 | denoiser | {m.denoiser} over latent `{m.latent}`, condition `{m.condition}` |
-| objective | timesteps {o.timestep_sampling} (m={o.logit_normal_mean}, s={o.logit_normal_scale}) |
+| objective | timesteps {o.timestep_sampling} (m={o.logit_normal_mean}, s={o.logit_normal_scale}){share} |
 | optimiser | AdamW lr={cfg.lr}, batch {t.batch_size} x accumulation {t.grad_accum} per process, {t.precision} |
 | data | `data.source={cfg.data.source}`, crops of scale {list(cfg.data.crop_scale)} |
 | steps | {step} |

@@ -42,6 +42,10 @@ STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
         "uniform": ("objective.timestep_sampling=uniform",),
         **{f"logit-normal s={s}": ("objective.timestep_sampling=logit-normal", f"objective.logit_normal_scale={s}")
            for s in (0.1, 0.5, 1, 5, 10)},
+        # the demo's s = 0.1 with a share of uniform draws, so that the head also learns the t its sampler visits
+        **{f"logit-normal s=0.1 + {int(p * 100)}% uniform": ("objective.timestep_sampling=logit-normal",
+                                                             "objective.logit_normal_scale=0.1",
+                                                             f"objective.uniform_share={p}") for p in (0.1, 0.25)},
     },
     "condition": {
         "[CLS]": ("model.condition=cls",),
@@ -61,7 +65,8 @@ STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "curve": {"stage 2": ()},
 }
-METRICS = ("blind_probe", "mmvp_large", "coarse_probe", "blind_pairs", "linear_probe")
+METRICS = ("blind_probe", "mmvp_large", "coarse_probe", "blind_pairs", "linear_probe", "recon_own", "recon_other")
+RECON_SCENES = 64  # the first scenes of the split, reconstructed by the final head from their own / another's token
 PROBE_SPLIT = {"held-out": "probe", "val": "val"}  # what a study is scored on -> the probes' seed split
 BASE = "base (not tuned)"
 
@@ -134,8 +139,26 @@ def run_variant(overrides: tuple[str, ...], seed: int, world: dict[str, Path], w
         window = [r["loss"] for r in losses if step - 10 < r["step"] <= step]
         exported = export_model(ckpt, work / f"export-{step}")
         scores = _score(exported, world["mmvp-large"], recipe, split)
-        rows.append({"step": step, "loss": float(np.mean(window)), **scores})
+        rows.append({"step": step, "loss": float(np.mean(window)), **scores, **NO_RECON})
+    rows[-1].update(_reconstruction(final, work / "reconstructions.png", recipe, split))
     return rows
+
+
+NO_RECON = {"recon_own": float("nan"), "recon_other": float("nan")}  # the base has no head; earlier curve steps
+
+
+def _reconstruction(run: Path, path: Path, recipe, split: str) -> dict[str, float]:
+    """Mean squared error of the run's samples from each scene's own and from another scene's token (the demo's
+    reconstruction measure, on the split's first ``RECON_SCENES`` scenes); the grid of the first 8 goes to ``path``."""
+    import torch
+
+    from genhancer.miniworld.demo import reconstruction_figure
+    from genhancer.miniworld.scenes import SPLITS, render_many, scene_from_seed
+
+    first = SPLITS[PROBE_SPLIT[split]]
+    images = torch.from_numpy(render_many([scene_from_seed(first + i) for i in range(RECON_SCENES)]))
+    mse = reconstruction_figure(run, images.permute(0, 3, 1, 2).float() / 255, path, recipe.recon_steps, grid=8)
+    return {"recon_own": mse["own"], "recon_other": mse["other"]}
 
 
 def summarise(rows: list[dict], variants: list[str]) -> str:
@@ -143,9 +166,16 @@ def summarise(rows: list[dict], variants: list[str]) -> str:
     lines = ["| variant | " + " | ".join(METRICS) + " | seeds |", "|---" * (len(METRICS) + 2) + "|"]
     for name in variants:
         mine = [r for r in rows if r["variant"] == name and r["final"]]
-        cells = [f"{np.mean([r[m] for r in mine]):.1f} ± {np.std([r[m] for r in mine]):.1f}" for m in METRICS]
+        cells = [_cell([r[m] for r in mine], 4 if m.startswith("recon") else 1) for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(mine)} |")
     return "\n".join(lines)
+
+
+def _cell(values: list[float], digits: int) -> str:
+    """mean ± std, or a dash where the variant has no such value (the base's reconstructions)."""
+    if np.isnan(values).any():
+        return "-"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def plot(rows: list[dict], variants: list[str], study: str, path: Path) -> None:
@@ -190,7 +220,7 @@ def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fas
     vq_dir = world_vq(world["train"], out / "vq", steps=2 if fast else VQ_STEPS) if study == "denoiser" else None
     names = [BASE, *chosen]
     rows = [{"variant": BASE, "seed": 0, "final": True, "step": 0, "loss": float("nan"),
-             **_score(shipped_base(), world["mmvp-large"], recipe, split)}]
+             **_score(shipped_base(), world["mmvp-large"], recipe, split), **NO_RECON}]
     (out / "results.jsonl").write_text(json.dumps(rows[0]) + "\n")
     if study == "curve":
         every = ("train.save_every=" + str(max(1, recipe.stage2_steps // 5)), "train.keep_last=100")

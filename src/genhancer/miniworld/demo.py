@@ -163,16 +163,18 @@ def shipped_incentive() -> str:
     return (resources.files("genhancer") / "assets" / "miniworld-incentive.md").read_text().strip()
 
 
-def reconstruction_figure(run: Path, images: torch.Tensor, path: Path, steps: int) -> dict[str, float]:
-    """Grid input | sample from the image's own condition | sample from another image's condition; returns the
-    mean squared error (in [0, 1] pixels, at the latent's resolution) of both samples against the input."""
+def reconstruction_figure(run: Path, images: torch.Tensor, path: Path, steps: int, grid: int | None = None
+                          ) -> dict[str, float]:
+    """Grid input | sample from the image's own condition | sample from another image's condition (of the first
+    ``grid`` images; all by default); returns the mean squared error (in [0, 1] pixels, at the latent's resolution)
+    of both samples against the input, over all images."""
     from genhancer.reconstruct import load_enhancer, reconstruct, save_grid
 
     enh = load_enhancer(run)
     own = reconstruct(enh, images, steps=steps)
     other = reconstruct(enh, images.roll(1, 0), steps=steps)
     ref = torch.nn.functional.interpolate(images, size=own.shape[-2:], mode="area")
-    save_grid([images, own, other], path)
+    save_grid([images[:grid], own[:grid], other[:grid]], path)
     return {"own": float((own - ref).pow(2).mean()), "other": float((other - ref).pow(2).mean())}
 
 

@@ -5,7 +5,8 @@ sampling integrates the ODE from t = 1 down to t = 0 with Euler steps. Latents `
 as patch tokens ``(B, H/p * W/p, C p^2)`` with RoPE position ids (0, row, column); condition tokens get ids 0.
 
 A new timestep distribution is one function ``(n, generator, cfg) -> t (n,)`` in ``TIMESTEP_SCHEDULES``, selected
-by ``objective.timestep_sampling``.
+by ``objective.timestep_sampling``; ``objective.uniform_share`` replaces that share of its draws by U[0, 1] draws, so
+that a concentrated schedule still trains the head at every t its sampler visits.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class RectifiedFlow(Objective):
     def draw(self, n, target_shape, generator, device="cpu"):
         noise = torch.randn((n, *target_shape), generator=generator)
         t = TIMESTEP_SCHEDULES[self.cfg.timestep_sampling](n, generator, self.cfg)
+        if self.cfg.uniform_share > 0:  # drawn only then: a run without a share keeps its random stream
+            swap = torch.rand(n, generator=generator) < self.cfg.uniform_share
+            t = torch.where(swap, torch.rand(n, generator=generator), t)
         return {"noise": noise.to(device), "t": t.to(device)}
 
     def velocity(self, head: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
