@@ -72,6 +72,38 @@ def test_timestep_sampling_distributions():
     assert abs(torch.log(t_noisy / (1 - t_noisy)).mean() - 1.5) < 0.03  # a mean m shifts t towards noise
 
 
+def test_a_uniform_share_replaces_that_share_of_the_timesteps_by_uniform_draws():
+    """share 0 draws what the schedule alone draws (a run's stream is unchanged); otherwise, after the noise and the
+    schedule's t, one U[0, 1) per sample picks the swapped ones (< share) and one more per sample is their new t."""
+    n, shape = 20000, (3, 2, 2)
+    cfg = dict(logit_normal_mean=1.0, logit_normal_scale=0.1)
+    g = torch.Generator().manual_seed(3)  # the stream, replayed by hand
+    noise = torch.randn((n, *shape), generator=g)
+    t = torch.sigmoid(1.0 + 0.1 * torch.randn(n, generator=g))
+    g_zero = torch.Generator().manual_seed(3)
+    zero = flow(**cfg, uniform_share=0.0).draw(n, shape, g_zero)
+    assert torch.equal(zero["t"], t) and torch.equal(zero["noise"], noise)
+    assert torch.equal(g_zero.get_state(), g.get_state())  # and the next step's draws are unchanged too
+    mixed = flow(**cfg, uniform_share=0.25).draw(n, shape, torch.Generator().manual_seed(3))
+    swap, u = torch.rand(n, generator=g) < 0.25, torch.rand(n, generator=g)
+    assert torch.equal(mixed["noise"], noise) and torch.equal(mixed["t"], torch.where(swap, u, t))
+    assert abs(swap.float().mean() - 0.25) < 0.01
+    # s = 0.1 keeps the schedule's t within [0.6, 0.85]; the uniform share covers the ends the sampler visits
+    assert ((mixed["t"] < 0.1) | (mixed["t"] > 0.9)).float().mean() > 0.04 > ((t < 0.1) | (t > 0.9)).float().mean()
+    everything = flow(**cfg, uniform_share=1.0).draw(n, shape, torch.Generator().manual_seed(0))["t"]
+    assert abs(everything.mean() - 0.5) < 0.01 and abs(everything.var() - 1 / 12) < 0.003
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_a_uniform_share_outside_0_1_is_refused(share):
+    from genhancer.config import RunConfig, validate
+
+    cfg = RunConfig()
+    cfg.objective.uniform_share = share
+    with pytest.raises(ConfigError, match=rf"objective.uniform_share must be in \[0, 1\], got {share}"):
+        validate(cfg)
+
+
 def test_draws_are_a_function_of_the_generator_only():
     a = flow().draw(4, (3, 16, 16), torch.Generator().manual_seed(7))
     b = flow().draw(4, (3, 16, 16), torch.Generator().manual_seed(7))

@@ -17,7 +17,10 @@ def test_every_variant_is_a_valid_run_config(study, tmp_path):
 
 
 def test_paper_variants_are_covered():
-    assert len(STUDIES["timesteps"]) == 6 and len(STUDIES["condition"]) == 5
+    paper = [v for v in STUDIES["timesteps"] if "% uniform" not in v]  # + the demo's s with a uniform share
+    assert len(paper) == 6 and len(STUDIES["condition"]) == 5
+    assert [o[-1] for v, o in STUDIES["timesteps"].items() if v not in paper] == [
+        "objective.uniform_share=0.1", "objective.uniform_share=0.25"]
     assert set(STUDIES["finetune"]) == {"LoRA", "full"} and set(STUDIES["stages"]) == {"two-stage", "end-to-end"}
     assert set(STUDIES["head"]) == {"frozen", "trained"}
 
@@ -27,7 +30,9 @@ def test_summary_is_mean_and_std_over_seeds(tmp_path):
     rows += [{"variant": "LoRA", "seed": s, "final": True, "step": 2, "loss": 0.3, **dict.fromkeys(METRICS, v)}
              for s, v in enumerate((40.0, 60.0))]
     table = summarise(rows, [BASE, "LoRA"])
-    assert "| LoRA | " + " | ".join(["50.0 ± 10.0"] * len(METRICS)) + " | 2 |" in table
+    assert "| LoRA | " + " | ".join(["50.0 ± 10.0"] * 5 + ["50.0000 ± 10.0000"] * 2) + " | 2 |" in table
+    rows[0].update(recon_own=math.nan, recon_other=math.nan)  # the base has no head to reconstruct with
+    assert "| base (not tuned) | " + " | ".join(["50.0 ± 0.0"] * 5 + ["-"] * 2) + " | 1 |" in summarise(rows, [BASE])
     plot(rows, [BASE, "LoRA"], "finetune", tmp_path / "plot.png")
     plot(rows, [BASE, "LoRA"], "curve", tmp_path / "curve.png")
     assert (tmp_path / "plot.png").is_file() and (tmp_path / "curve.png").is_file()
@@ -95,6 +100,18 @@ def test_a_fast_study_runs_end_to_end_with_the_demos_protocol(tmp_path):
     run = out / "runs" / "discrete_(perceiver-tiny)-seed0"
     assert (run / "stage1").is_dir() and not (run / "cache").exists()
     assert "source: cache" in (run / "stage1" / "config.yaml").read_text()
+    assert math.isnan(rows[0]["recon_own"]) and 0 < rows[1]["recon_own"] and 0 < rows[1]["recon_other"]
+    assert (run / "reconstructions.png").is_file()
+    import torch
+
+    from genhancer.miniworld.ablate import RECON_SCENES
+    from genhancer.miniworld.demo import reconstruction_figure
+    from genhancer.miniworld.scenes import SPLITS, render_many, scene_from_seed
+
+    scenes = render_many([scene_from_seed(SPLITS["probe"] + i) for i in range(RECON_SCENES)])  # held-out: probe seeds
+    mse = reconstruction_figure(run / "stage2", torch.from_numpy(scenes).permute(0, 3, 1, 2).float() / 255,
+                                tmp_path / "check.png", FAST.recon_steps)
+    assert mse == {"own": rows[1]["recon_own"], "other": rows[1]["recon_other"]}
 
 
 def test_unknown_split_is_rejected_before_anything_is_written(tmp_path):
@@ -129,6 +146,8 @@ def test_a_val_study_is_scored_on_val_seeds_only(tmp_path):
     probes = run_probes([base], FAST.probe_train, FAST.probe_test, FAST.probe_pairs, split="val")[0]
     assert val["blind_probe"] == float(np.mean([probes["linear"][a] for a in BLIND]))
     assert val["blind_pairs"] == probes["blind_pairs"]["average"]
+    assert run_probes([base], FAST.probe_train, FAST.probe_test, FAST.probe_pairs,
+                      first_seed=SPLITS["val"])[0] == probes  # a first seed draws what that split draws
     held_out = ablation._score(base, world["mmvp-large"], FAST, "held-out")
     assert {k: v for k, v in held_out.items() if k != "mmvp_large"} != {k: v for k, v in val.items()
                                                                         if k != "mmvp_large"}

@@ -43,6 +43,8 @@ def test_demo_refuses_a_non_empty_folder(tmp_path):
     (["miniworld", "probe", "--model", "/nonexistent"], "not a save_pretrained CLIP folder"),
     (["miniworld", "incentive", "--encoder", "/nonexistent"], "'none' to measure the oracle only"),
     (["miniworld", "demo", "--threads", "0"], "--threads must be > 0"),
+    (["miniworld", "probe", "--first-seed", "-1"], "--first-seed must be >= 0, got -1"),
+    (["miniworld", "generate", "--out", "x", "--first-seed", "-5"], "--first-seed must be >= 0, got -5"),
 ])
 def test_cli_mistakes_are_one_line_errors(argv, message, capsys):
     from genhancer.cli import main
@@ -50,6 +52,45 @@ def test_cli_mistakes_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_benchmark_refuses_a_negative_first_seed_and_writes_nothing(tmp_path, capsys):
+    from genhancer.cli import main
+
+    assert main(["miniworld", "benchmark", "--out", str(tmp_path / "b"), "--first-seed", "-1"]) == 2
+    assert "--first-seed must be >= 0" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_benchmark_first_seed_draws_both_versions_fresh(tmp_path):
+    """``--first-seed N``: the standard version's pairs from N on, the large one's from N + 1,000,000 (the held-out
+    default: each from its split)."""
+    import csv
+
+    from genhancer.cli import main
+    from genhancer.miniworld.benchmark import make_pair
+    from genhancer.miniworld.scenes import ATTRIBUTES, FRESH, SPLITS, phrase
+
+    def first_pair(folder):
+        with open(folder / "Questions.csv") as f:
+            return [row["Statement"] for row in csv.DictReader(f)][:2]
+
+    attribute = next(iter(ATTRIBUTES))
+    expected = lambda seed: [phrase(s, {attribute}) for s in make_pair(seed, attribute)]  # noqa: E731
+    assert main(["miniworld", "benchmark", "--out", str(tmp_path / "fresh"), "--parts", "1",
+                 "--first-seed", str(FRESH)]) == 0
+    assert first_pair(tmp_path / "fresh" / "mmvp") == expected(FRESH)
+    assert first_pair(tmp_path / "fresh" / "mmvp-large" / "part-00") == expected(FRESH + 1_000_000)
+    assert main(["miniworld", "benchmark", "--out", str(tmp_path / "held"), "--parts", "1"]) == 0
+    assert first_pair(tmp_path / "held" / "mmvp") == expected(SPLITS["mmvp"])
+    assert first_pair(tmp_path / "held" / "mmvp-large" / "part-00") == expected(SPLITS["mmvp-large"])
+
+
+def test_write_world_refuses_an_unknown_split_before_writing(tmp_path):
+    from genhancer.miniworld.demo import FAST, write_world
+
+    with pytest.raises(ConfigError, match="unknown split 'probe': choose 'held-out' .* or 'val'"):
+        write_world(tmp_path / "w", FAST, "probe")
+    assert not (tmp_path / "w").exists()
 
 
 def test_generate_writes_images_with_labels_and_captions(tmp_path):

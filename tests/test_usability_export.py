@@ -132,6 +132,15 @@ def test_base_model_is_the_hub_id_for_the_readmes_recipe():
                                    True))["license"] == "apache-2.0"
 
 
+def test_the_card_states_the_timestep_draw_and_a_uniform_share_only_when_there_is_one():
+    from genhancer.modelcard import recipe_table
+
+    cfg = load_recipe("openai-clip-vit-l-14-224-stage2", [], check=False)
+    assert "| objective | timesteps logit-normal (m=0.0, s=1.0) |" in recipe_table(cfg, 10)
+    cfg.objective.uniform_share = 0.25
+    assert "| objective | timesteps logit-normal (m=0.0, s=1.0), 0.25 of them uniform |" in recipe_table(cfg, 10)
+
+
 def test_base_model_names_the_weights_actually_given():
     # MetaCLIP's ViT-L/14 has the OpenAI preset's architecture: its hub id, not the preset's, is the base model
     cfg = load_recipe("openai-clip-vit-l-14-224-stage2", ["model.weights=facebook/metaclip-l14-fullcc2.5b"],

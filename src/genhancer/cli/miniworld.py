@@ -46,11 +46,17 @@ def add_commands(sub) -> None:
     p = commands.add_parser("benchmark", help="write the MMVP-VLM-format benchmarks from held-out seeds")
     p.add_argument("--out", required=True, help="output folder: <out>/mmvp and <out>/mmvp-large")
     p.add_argument("--parts", type=int, default=7, help="15-pair-per-category parts of the large version (default 7)")
+    p.add_argument("--first-seed", type=int, default=None,
+                   help="draw the standard version from this seed on and the large one from 1,000,000 above it, "
+                        "instead of the held-out splits (seeds >= 50,000,000 are in no split: a fresh draw)")
     p.set_defaults(func=run_benchmark)
 
     p = commands.add_parser("probe", parents=[threads], help="text-free probes (linear probe, blind pairs) of a model's global embedding")
     p.add_argument("--model", default=None, help="save_pretrained CLIP folder (default: the shipped base)")
     p.add_argument("--out", default=None, help="write probes.json here")
+    p.add_argument("--first-seed", type=int, default=None,
+                   help="draw the probe scenes from this seed on instead of the probe split (seeds >= 50,000,000 are "
+                        "in no split: a fresh draw, to check a result on scenes never seen)")
     p.set_defaults(func=run_probe)
 
     p = commands.add_parser("incentive", parents=[threads],
@@ -87,6 +93,11 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"--{name} must be > 0, got {value}")
 
 
+def _seed(first_seed: int | None) -> None:
+    if first_seed is not None and first_seed < 0:
+        raise ConfigError(f"--first-seed must be >= 0, got {first_seed}")
+
+
 def _pin(args) -> None:
     from genhancer.miniworld import pin_threads
 
@@ -99,6 +110,7 @@ def run_generate(args) -> None:
 
     _positive("num", args.num)
     _positive("size", args.size)
+    _seed(args.first_seed)
     if args.p is not None and not 0 <= args.p <= 1:
         raise ConfigError(f"--p must be in [0, 1], got {args.p}")
     out = write_folder(args.out, args.num, args.first_seed, args.size, args.p)
@@ -121,12 +133,12 @@ def run_pretrain(args) -> None:
 
 
 def run_benchmark(args) -> None:
-    from genhancer.miniworld.benchmark import write_large, write_mmvp
+    from genhancer.miniworld.benchmark import write_benchmarks
 
     _positive("parts", args.parts)
+    _seed(args.first_seed)
     out = Path(args.out)
-    write_mmvp(out / "mmvp")
-    write_large(out / "mmvp-large", parts=args.parts)
+    write_benchmarks(out, args.parts, args.first_seed)
     print(f"wrote {out / 'mmvp'} (genhancer eval mmvp --benchmark {out / 'mmvp'}) and {out / 'mmvp-large'}")
 
 
@@ -137,8 +149,9 @@ def run_probe(args) -> None:
     model = args.model or str(shipped_base())
     if not (Path(model) / "config.json").is_file():
         raise ConfigError(f"--model {model}: not a save_pretrained CLIP folder (no config.json)")
+    _seed(args.first_seed)
     _pin(args)
-    result = run_probes([model])[0]
+    result = run_probes([model], first_seed=args.first_seed)[0]
     for name, table in result.items():
         print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in table.items()))
     if args.out:

@@ -60,6 +60,19 @@ def write_large(out_dir: str | Path, parts: int = 7, first_seed: int = SPLITS["m
     return out
 
 
+LARGE_OFFSET = 1_000_000  # a fresh draw from N: the large version from N + this (the standard one takes N .. N + 800,014)
+
+
+def write_benchmarks(root: str | Path, parts: int = 7, first_seed: int | None = None) -> dict[str, Path]:
+    """``<root>/mmvp`` (standard) and ``<root>/mmvp-large`` (``parts`` parts): from their held-out splits, or a fresh
+    draw, the standard version from ``first_seed`` on and the large one from ``first_seed + LARGE_OFFSET``."""
+    root = Path(root)
+    if first_seed is None:
+        return {"mmvp": write_mmvp(root / "mmvp"), "mmvp-large": write_large(root / "mmvp-large", parts)}
+    return {"mmvp": write_mmvp(root / "mmvp", first_seed),
+            "mmvp-large": write_large(root / "mmvp-large", parts, first_seed + LARGE_OFFSET)}
+
+
 def benchmark_parts(root: str | Path) -> list[Path]:
     """The MMVP directories of a benchmark: itself, or its ``part-XX`` folders."""
     root = Path(root)

@@ -84,9 +84,11 @@ def recipe_table(recipe: Recipe) -> str:
 def write_world(root: Path, recipe: Recipe, split: str = "held-out") -> dict[str, Path]:
     """Training images (train split) and the benchmarks under ``root``: the held-out ones, or with ``split="val"``
     the large one drawn from the val seeds instead (for design choices; as the val MMVP-large of docs/miniworld.md)."""
-    from genhancer.miniworld.benchmark import write_large, write_mmvp
+    from genhancer.miniworld.benchmark import write_benchmarks, write_large
     from genhancer.miniworld.scenes import SPLITS, render, scene_from_seed
 
+    if split not in ("held-out", "val"):
+        raise ConfigError(f"unknown split '{split}': choose 'held-out' (reported numbers) or 'val' (design choices)")
     images = root / "train"
     images.mkdir(parents=True, exist_ok=True)
     for i in range(recipe.train_images):
@@ -94,8 +96,7 @@ def write_world(root: Path, recipe: Recipe, split: str = "held-out") -> dict[str
     if split == "val":
         return {"train": images,
                 "mmvp-large": write_large(root / "mmvp-large-val", recipe.large_parts, first_seed=SPLITS["val"])}
-    return {"train": images, "mmvp": write_mmvp(root / "mmvp"),
-            "mmvp-large": write_large(root / "mmvp-large", parts=recipe.large_parts)}
+    return {"train": images, **write_benchmarks(root, recipe.large_parts)}
 
 
 def loss_curves(runs: dict[str, Path], path: Path) -> None:

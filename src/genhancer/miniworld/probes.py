@@ -53,13 +53,14 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 def run_probes(model_dirs: list[str | Path], n_train: int = 2000, n_test: int = 1000, n_pairs: int = 200,
-               size: int = 64, split: str = "probe") -> list[dict[str, dict[str, float]]]:
+               size: int = 64, split: str = "probe", first_seed: int | None = None
+               ) -> list[dict[str, dict[str, float]]]:
     """Per model: ``{"linear": {attribute: acc}, "blind_pairs": {attribute: acc}}``, each with an ``"average"``.
 
-    The scenes (of ``split``: "probe" for reported numbers, "val" for tuning) are rendered once and shared by all
-    models.
+    The scenes (of ``split``: "probe" for reported numbers, "val" for tuning; or from ``first_seed`` on, a fresh draw
+    when at or above ``scenes.FRESH``) are rendered once and shared by all models.
     """
-    first = SPLITS[split]
+    first = SPLITS[split] if first_seed is None else first_seed
     scenes = [scene_from_seed(first + i) for i in range(n_train + n_test)]
     images = render_many(scenes, size)
     triplets = []

@@ -283,6 +283,7 @@ def vocabulary() -> list[str]:
 # First seed of each split. Training draws seeds upwards from 0; tuning uses "val"; the benchmarks and probes use
 # their own ranges and are never trained or tuned on.
 SPLITS = {"train": 0, "val": 10_000_000, "mmvp": 20_000_000, "mmvp-large": 30_000_000, "probe": 40_000_000}
+FRESH = 50_000_000  # seeds from here on are in no split: fresh draws, to check results on scenes never seen
 
 
 def render_many(scenes: list[Scene], size: int = 64) -> np.ndarray:
