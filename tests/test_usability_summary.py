@@ -37,7 +37,7 @@ def test_the_summary_names_everything_built(tiny_clip, overrides, tmp_path, caps
     assert f"vision tower {vision:,}" in lines["backbone"] and "(clip, 32px)" in lines["backbone"]
     head = number(lines["denoiser"], "parameters")
     assert lines["denoiser"].startswith("flux-tiny: ") and number(lines["trainable"], "parameters") == head
-    assert "encoder frozen" in lines["trainable"]
+    assert "encoder frozen" in lines["trainable"] and lines["denoiser"].endswith("drawn on the CPU from train.seed=0")
     assert lines["latent"] == "pixel, target (3, 16, 16)"
     assert lines["images"].startswith("64 synthetic images")
     # 64 images / batch 4 = 16 micro-batches per epoch; 3 steps x 2 micro-batches = 6 of them
@@ -58,11 +58,21 @@ def test_stage2_summary_counts_lora_apart(tiny_clip, overrides, tmp_path, capsys
     # r x (in + out) per linear layer of the vision encoder: 2 layers x (4 attention 32->32, fc1 32->64, fc2 64->32)
     assert lora == 2 * 2 * (4 * (32 + 32) + (32 + 64) + (64 + 32))
     assert number(lines["trainable"], "parameters") == lora and "lora on the encoder" in lines["trainable"]
+    assert lines["denoiser"].endswith(f"; weights from {s1}")
     assert number(lines["backbone"], "parameters") == sum(p.numel() for p in clip.parameters())
 
 
 def cpu_acc():
     return SimpleNamespace(device=torch.device("cpu"))
+
+
+def test_the_head_is_said_to_be_drawn_where_the_run_draws_it():
+    cfg = load_config(None, ["train.seed=7", "data.source=synthetic"])
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    assert summary._head_origin(cfg, gpu) == "drawn on the CPU from train.seed=7"  # the default: same start anywhere
+    cfg.model.init_on_device = True
+    assert summary._head_origin(cfg, gpu) == "drawn on cuda:0 (model.init_on_device) from train.seed=7"
+    assert summary._head_origin(cfg, cpu_acc()) == "drawn on the CPU from train.seed=7"
 
 
 def test_notes_say_what_is_off(monkeypatch):

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from .backbones import resolve_source
 from .backends import tracker_available
 from .config import RunConfig
-from .enhancer import Enhancer
+from .enhancer import Enhancer, init_device
 from .threads import cpu_bf16
 
 LARGE_FOR_CPU = 100_000_000  # denoiser parameters above which a CPU run gets a note
@@ -75,6 +75,16 @@ def notes(cfg: RunConfig, acc: Accelerator, head_params: int) -> list[str]:
     return out
 
 
+def _head_origin(cfg: RunConfig, acc: Accelerator) -> str:
+    """Where the head's starting weights come from: the stage-1 run, or drawn from the seed (and where: the same
+    seed gives other weights on a GPU with ``model.init_on_device``)."""
+    if cfg.stage.init_from:
+        return f"weights from {cfg.stage.init_from}"
+    device = init_device(cfg, acc.device)
+    where = "the CPU" if device is None or device.type == "cpu" else f"{device} (model.init_on_device)"
+    return f"drawn on {where} from train.seed={cfg.train.seed}"
+
+
 def describe_run(cfg: RunConfig, enh: Enhancer, acc: Accelerator, loader, step: int, total: int,
                  run: Path) -> str:
     """The run's summary: backbone, trainable parameters, denoiser, latent space, images, steps, device, output."""
@@ -93,7 +103,8 @@ def describe_run(cfg: RunConfig, enh: Enhancer, acc: Accelerator, loader, step: 
         f"parameters, vision tower {_count(own(enh.backbone.vision)):,}{lora}{weights}",
         f"trainable   {_count(p for p in enh.parameters() if p.requires_grad):,} parameters ({cfg.stage.stage}"
         f"{', ' + cfg.stage.finetune + ' on the encoder' if cfg.stage.stage != 'stage1' else ', encoder frozen'})",
-        f"denoiser    {m.denoiser}: {head_params:,} parameters with its projectors; condition {m.condition}",
+        f"denoiser    {m.denoiser}: {head_params:,} parameters with its projectors; condition {m.condition}; "
+        f"{_head_origin(cfg, acc)}",
         f"latent      {m.latent}, target {tuple(enh.target_shape)}",
         f"images      {_images(cfg, loader.epoch_size, t.batch_size * world)}",
         f"steps       {_steps(cfg, loader.epoch_size, step, total)}; global batch "
