@@ -5,22 +5,34 @@ import math
 import pytest
 
 from genhancer.config import ConfigError
-from genhancer.miniworld.ablate import BASE, METRICS, STUDIES, VQ_CONFIG, VQ_DIR, ablate, plot, resolve, summarise
+from genhancer.miniworld.ablate import (BASE, METRICS, STUDIES, VQ_CONFIG, VQ_DIR, ablate, for_stage, plot, resolve,
+                                        summarise)
 from genhancer.miniworld.demo import FAST, run_config
 
 
 @pytest.mark.parametrize("study", [s for s in STUDIES if s != "denoiser"])
 def test_every_variant_is_a_valid_run_config(study, tmp_path):
     for overrides in STUDIES[study].values():
-        cfg = run_config(FAST, "base", tmp_path, tmp_path / "run", "stage2", tmp_path, extra=overrides)
-        assert cfg.model.latent == "pixel"
+        for stage in ("stage1", "stage2"):
+            cfg = run_config(FAST, "base", tmp_path, tmp_path / "run", stage, tmp_path if stage == "stage2" else None,
+                             extra=for_stage(overrides, stage))
+            assert cfg.model.latent == "pixel"
+
+
+def test_scoped_overrides_reach_only_their_stage(tmp_path):
+    overrides = STUDIES["timesteps"]["logit-normal s=0.1 + 25% uniform in stage 1"]
+    assert for_stage(("a.b=1", "stage1:c.d=2", "stage2:e.f=3", "g.h={x: 1}"), "stage1") == ("a.b=1", "c.d=2", "g.h={x: 1}")
+    cfgs = {stage: run_config(FAST, "base", tmp_path, tmp_path / stage, stage, extra=for_stage(overrides, stage))
+            for stage in ("stage1", "stage2")}
+    assert (cfgs["stage1"].objective.uniform_share, cfgs["stage2"].objective.uniform_share) == (0.25, 0.0)
+    assert cfgs["stage1"].objective.logit_normal_scale == cfgs["stage2"].objective.logit_normal_scale == 0.1
 
 
 def test_paper_variants_are_covered():
     paper = [v for v in STUDIES["timesteps"] if "% uniform" not in v]  # + the demo's s with a uniform share
     assert len(paper) == 6 and len(STUDIES["condition"]) == 5
     assert [o[-1] for v, o in STUDIES["timesteps"].items() if v not in paper] == [
-        "objective.uniform_share=0.1", "objective.uniform_share=0.25"]
+        "objective.uniform_share=0.1", "objective.uniform_share=0.25", "stage1:objective.uniform_share=0.25"]
     assert set(STUDIES["finetune"]) == {"LoRA", "full"} and set(STUDIES["stages"]) == {"two-stage", "end-to-end"}
     assert set(STUDIES["head"]) == {"frozen", "trained"}
 
@@ -92,12 +104,13 @@ def test_a_fast_study_runs_end_to_end_with_the_demos_protocol(tmp_path):
     scoring): a base row and one row per seed, a table and a plot; the cache is removed after stage 1."""
     import json
 
-    out = ablate("denoiser", seeds=1, out=tmp_path, fast=True, variants=("discrete (perceiver-tiny)",))
+    out = ablate("denoiser", seeds=1, out=tmp_path, fast=True, variants=("discrete (perceiver-tiny)",), seed_from=3)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["variant"] for r in rows] == [BASE, "discrete (perceiver-tiny)"]
+    assert [r["variant"] for r in rows] == [BASE, "discrete (perceiver-tiny)"] and rows[1]["seed"] == 3
     assert all(set(METRICS) <= set(r) for r in rows) and rows[1]["step"] == 2
     assert "| discrete (perceiver-tiny) |" in (out / "table.md").read_text() and (out / "plot.png").is_file()
-    run = out / "runs" / "discrete_(perceiver-tiny)-seed0"
+    run = out / "runs" / "discrete_(perceiver-tiny)-seed3"
+    assert "seed: 3" in (run / "stage2" / "config.yaml").read_text()  # the run trained with that seed
     assert (run / "stage1").is_dir() and not (run / "cache").exists()
     assert "source: cache" in (run / "stage1" / "config.yaml").read_text()
     assert math.isnan(rows[0]["recon_own"]) and 0 < rows[1]["recon_own"] and 0 < rows[1]["recon_other"]

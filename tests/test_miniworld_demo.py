@@ -44,6 +44,7 @@ def test_demo_refuses_a_non_empty_folder(tmp_path):
     (["miniworld", "incentive", "--encoder", "/nonexistent"], "'none' to measure the oracle only"),
     (["miniworld", "demo", "--threads", "0"], "--threads must be > 0"),
     (["miniworld", "probe", "--first-seed", "-1"], "--first-seed must be >= 0, got -1"),
+    (["miniworld", "ablate", "head", "--seed-from", "-1"], "--seed-from must be >= 0, got -1"),
     (["miniworld", "generate", "--out", "x", "--first-seed", "-5"], "--first-seed must be >= 0, got -5"),
 ])
 def test_cli_mistakes_are_one_line_errors(argv, message, capsys):

@@ -77,7 +77,9 @@ def add_commands(sub) -> None:
 
     p = commands.add_parser("ablate", parents=[threads], help="an ablation of the paper in miniature: table + plot over seeds")
     p.add_argument("study", help="timesteps, condition, stages, finetune, size, denoiser or curve")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="how many training seeds (default 3)")
+    p.add_argument("--seed-from", type=int, default=0,
+                   help="the first training seed (default 0): split one study's seeds over several processes")
     p.add_argument("--out", default=None, help="output folder (default: miniworld-ablate-<study>)")
     p.add_argument("--fast", action="store_true", help="a few steps per run (smoke test)")
     p.add_argument("--variants", nargs="+", default=(), metavar="NAME",
@@ -193,6 +195,8 @@ def run_ablate(args) -> None:
     if args.study not in STUDIES:
         raise ConfigError(f"unknown study '{args.study}': choose one of {', '.join(STUDIES)}")
     _positive("seeds", args.seeds)
+    if args.seed_from < 0:
+        raise ConfigError(f"--seed-from must be >= 0, got {args.seed_from}")
     _pin(args)
     ablate(args.study, seeds=args.seeds, out=args.out or f"miniworld-ablate-{args.study}", fast=args.fast,
-           variants=tuple(args.variants), split=args.split)
+           variants=tuple(args.variants), split=args.split, seed_from=args.seed_from)

@@ -46,6 +46,10 @@ STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
         **{f"logit-normal s=0.1 + {int(p * 100)}% uniform": ("objective.timestep_sampling=logit-normal",
                                                              "objective.logit_normal_scale=0.1",
                                                              f"objective.uniform_share={p}") for p in (0.1, 0.25)},
+        # ... or only while stage 1 trains the head (stage 2's gradient to the encoder keeps the concentrated draw)
+        "logit-normal s=0.1 + 25% uniform in stage 1": ("objective.timestep_sampling=logit-normal",
+                                                        "objective.logit_normal_scale=0.1",
+                                                        "stage1:objective.uniform_share=0.25"),
     },
     "condition": {
         "[CLS]": ("model.condition=cls",),
@@ -111,6 +115,18 @@ def _score(model_dir: Path, benchmark: Path, recipe, split: str) -> dict[str, fl
             "linear_probe": probes["linear"]["average"], "blind_pairs": probes["blind_pairs"]["average"]}
 
 
+def for_stage(overrides: tuple[str, ...], stage: str) -> tuple[str, ...]:
+    """The overrides that apply to ``stage``: unscoped ones, and ``"stage1:key=value"`` ones of that stage, unscoped."""
+    mine = []
+    for o in overrides:
+        scope, _, rest = o.partition(":")
+        if "=" in scope:  # no scope (a value may hold ':')
+            mine.append(o)
+        elif scope == stage:
+            mine.append(rest)
+    return tuple(mine)
+
+
 def run_variant(overrides: tuple[str, ...], seed: int, world: dict[str, Path], work: Path, recipe,
                 split: str = "held-out") -> list[dict]:
     """Train one variant with one seed; returns its scores (several rows for the ``curve`` study)."""
@@ -123,14 +139,16 @@ def run_variant(overrides: tuple[str, ...], seed: int, world: dict[str, Path], w
     base = str(shipped_base())
     if "stage.stage=e2e" in overrides:  # every step tunes the encoder: no cache
         e2e = replace(recipe, stage2_steps=recipe.stage1_steps + recipe.stage2_steps)
-        final = train(run_config(e2e, base, world["train"], work / "e2e", "stage2", seed=seed, extra=overrides))
+        final = train(run_config(e2e, base, world["train"], work / "e2e", "stage2", seed=seed,
+                                 extra=for_stage(overrides, "stage2")))
     else:
-        cfg1 = run_config(recipe, base, world["train"], work / "stage1", "stage1", seed=seed, extra=overrides)
+        s1, s2 = for_stage(overrides, "stage1"), for_stage(overrides, "stage2")
+        cfg1 = run_config(recipe, base, world["train"], work / "stage1", "stage1", seed=seed, extra=s1)
         cache = build_cache(cfg1, work / "cache", log=lambda *_: None)
-        stage1 = train(run_config(recipe, base, cache, work / "stage1", "stage1", seed=seed, extra=overrides))
+        stage1 = train(run_config(recipe, base, cache, work / "stage1", "stage1", seed=seed, extra=s1))
         shutil.rmtree(cache)
         final = train(run_config(recipe, base, world["train"], work / "stage2", "stage2", stage1, seed=seed,
-                                 extra=overrides))
+                                 extra=s2))
     checkpoints = sorted((final / "checkpoints").glob("step-*"))
     rows = []
     losses = [json.loads(line) for line in (final / "metrics.jsonl").read_text().splitlines()]
@@ -199,9 +217,9 @@ def plot(rows: list[dict], variants: list[str], study: str, path: Path) -> None:
 
 
 def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fast: bool = False,
-           variants: tuple[str, ...] = (), split: str = "held-out") -> Path:
-    """Run the ``variants`` of ``study`` (default: all) with seeds 0..seeds-1 against the base, scored on ``split``
-    ("held-out" or "val"); write results.jsonl, table.md and plot.png."""
+           variants: tuple[str, ...] = (), split: str = "held-out", seed_from: int = 0) -> Path:
+    """Run the ``variants`` of ``study`` (default: all) with seeds ``seed_from .. seed_from + seeds - 1`` against the
+    base, scored on ``split`` ("held-out" or "val"); write results.jsonl, table.md and plot.png."""
     from genhancer.miniworld.base import shipped_base
     from genhancer.miniworld.demo import FAST, FULL, write_world
 
@@ -228,7 +246,7 @@ def ablate(study: str, seeds: int = 3, out: str | Path = "miniworld-ablate", fas
         if study == "curve":
             overrides = (*overrides, *every)
         overrides = resolve(overrides, vq_dir)
-        for seed in range(seeds):
+        for seed in range(seed_from, seed_from + seeds):
             work = out / "runs" / f"{name.replace(' ', '_').replace('%', 'pct')}-seed{seed}"
             if work.exists():
                 shutil.rmtree(work)
