@@ -21,7 +21,8 @@ def test_every_variant_is_a_valid_run_config(study, tmp_path):
 
 def test_scoped_overrides_reach_only_their_stage(tmp_path):
     overrides = STUDIES["timesteps"]["logit-normal s=0.1 + 25% uniform in stage 1"]
-    assert for_stage(("a.b=1", "stage1:c.d=2", "stage2:e.f=3", "g.h={x: 1}"), "stage1") == ("a.b=1", "c.d=2", "g.h={x: 1}")
+    scoped = ("a.b=1", "stage1:c.d=2", "stage2:e.f=3", "g.h={x: 1}")
+    assert for_stage(scoped, "stage1") == ("a.b=1", "c.d=2", "g.h={x: 1}")
     cfgs = {stage: run_config(FAST, "base", tmp_path, tmp_path / stage, stage, extra=for_stage(overrides, stage))
             for stage in ("stage1", "stage2")}
     assert (cfgs["stage1"].objective.uniform_share, cfgs["stage2"].objective.uniform_share) == (0.25, 0.0)

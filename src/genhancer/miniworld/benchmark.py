@@ -60,7 +60,7 @@ def write_large(out_dir: str | Path, parts: int = 7, first_seed: int = SPLITS["m
     return out
 
 
-LARGE_OFFSET = 1_000_000  # a fresh draw from N: the large version from N + this (the standard one takes N .. N + 800,014)
+LARGE_OFFSET = 1_000_000  # a fresh draw from N: the large version from N + this (the standard takes N .. N + 800,014)
 
 
 def write_benchmarks(root: str | Path, parts: int = 7, first_seed: int | None = None) -> dict[str, Path]:
