@@ -34,7 +34,7 @@ def test_paper_variants_are_covered():
     assert len(paper) == 6 and len(STUDIES["condition"]) == 5
     assert [o[-1] for v, o in STUDIES["timesteps"].items() if v not in paper] == [
         "objective.uniform_share=0.1", "objective.uniform_share=0.25", "stage1:objective.uniform_share=0.25",
-        "objective.logit_normal_mean=0.5", "objective.logit_normal_mean=1.5"]
+        "objective.logit_normal_mean=0.5", "objective.logit_normal_mean=1.5", "objective.logit_normal_mean=2"]
     assert set(STUDIES["finetune"]) == {"LoRA", "full"} and set(STUDIES["stages"]) == {"two-stage", "end-to-end"}
     assert set(STUDIES["head"]) == {"frozen", "trained"}
 

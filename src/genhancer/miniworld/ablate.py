@@ -50,10 +50,10 @@ STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
         "logit-normal s=0.1 + 25% uniform in stage 1": ("objective.timestep_sampling=logit-normal",
                                                         "objective.logit_normal_scale=0.1",
                                                         "stage1:objective.uniform_share=0.25"),
-        # the demo's s = 0.1 centred elsewhere than m = 1 (t near 0.73): 0.62 and 0.82
+        # the demo's s = 0.1 centred elsewhere than m = 1 (t near 0.73): 0.62, 0.82 and 0.88
         **{f"logit-normal s=0.1, m={m}": ("objective.timestep_sampling=logit-normal",
                                           "objective.logit_normal_scale=0.1", f"objective.logit_normal_mean={m}")
-           for m in (0.5, 1.5)},
+           for m in (0.5, 1.5, 2)},
     },
     "condition": {
         "[CLS]": ("model.condition=cls",),
