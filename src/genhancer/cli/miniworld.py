@@ -95,9 +95,9 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"--{name} must be > 0, got {value}")
 
 
-def _seed(first_seed: int | None) -> None:
-    if first_seed is not None and first_seed < 0:
-        raise ConfigError(f"--first-seed must be >= 0, got {first_seed}")
+def _non_negative(name: str, value: int | None) -> None:
+    if value is not None and value < 0:
+        raise ConfigError(f"--{name} must be >= 0, got {value}")
 
 
 def _pin(args) -> None:
@@ -112,7 +112,7 @@ def run_generate(args) -> None:
 
     _positive("num", args.num)
     _positive("size", args.size)
-    _seed(args.first_seed)
+    _non_negative("first-seed", args.first_seed)
     if args.p is not None and not 0 <= args.p <= 1:
         raise ConfigError(f"--p must be in [0, 1], got {args.p}")
     out = write_folder(args.out, args.num, args.first_seed, args.size, args.p)
@@ -138,7 +138,7 @@ def run_benchmark(args) -> None:
     from genhancer.miniworld.benchmark import write_benchmarks
 
     _positive("parts", args.parts)
-    _seed(args.first_seed)
+    _non_negative("first-seed", args.first_seed)
     out = Path(args.out)
     write_benchmarks(out, args.parts, args.first_seed)
     print(f"wrote {out / 'mmvp'} (genhancer eval mmvp --benchmark {out / 'mmvp'}) and {out / 'mmvp-large'}")
@@ -151,7 +151,7 @@ def run_probe(args) -> None:
     model = args.model or str(shipped_base())
     if not (Path(model) / "config.json").is_file():
         raise ConfigError(f"--model {model}: not a save_pretrained CLIP folder (no config.json)")
-    _seed(args.first_seed)
+    _non_negative("first-seed", args.first_seed)
     _pin(args)
     result = run_probes([model], first_seed=args.first_seed)[0]
     for name, table in result.items():
@@ -195,8 +195,7 @@ def run_ablate(args) -> None:
     if args.study not in STUDIES:
         raise ConfigError(f"unknown study '{args.study}': choose one of {', '.join(STUDIES)}")
     _positive("seeds", args.seeds)
-    if args.seed_from < 0:
-        raise ConfigError(f"--seed-from must be >= 0, got {args.seed_from}")
+    _non_negative("seed-from", args.seed_from)
     _pin(args)
     ablate(args.study, seeds=args.seeds, out=args.out or f"miniworld-ablate-{args.study}", fast=args.fast,
            variants=tuple(args.variants), split=args.split, seed_from=args.seed_from)
